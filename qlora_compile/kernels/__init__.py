@@ -1,0 +1,1 @@
+"""Kernels: Triton for CUDA, a native vectorized path for CPU, each with a pure-torch reference."""

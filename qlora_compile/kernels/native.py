@@ -1,0 +1,5 @@
+"""Native CPU kernels (placeholder until built)."""
+
+
+def available() -> bool:
+    return False
