@@ -158,9 +158,9 @@ def quantize_weight(
     """
     _check_input(w, quant_type, blocksize)
     flat = w.detach().reshape(-1)
-    nonfinite = _NonFiniteCheck(w)
-    packed, absmax = dispatch.quantize_4bit(flat, quant_type, blocksize, nonfinite)
-    nonfinite.raise_if_found()
+    packed, absmax, nonfinite = dispatch.quantize_4bit(flat, quant_type, blocksize)
+    if nonfinite:
+        _raise_nonfinite(w)
     qw = QuantizedWeight(packed.view(-1, 1), absmax, quant_type, blocksize, w.shape, w.dtype)
     if double_quant:
         codes, nested_absmax, offset = _torch_kernels.quantize_nested(absmax)
@@ -174,28 +174,16 @@ def quantize_weight(
     return qw
 
 
-class _NonFiniteCheck:
-    """Notes chunks whose absmax is not finite; locates the culprits only if there are any."""
-
-    def __init__(self, w: torch.Tensor):
-        self.w = w
-        self.found = False
-
-    def __call__(self, start: int, absmax: torch.Tensor) -> None:
-        if not self.found and not bool(torch.isfinite(absmax).all()):
-            self.found = True
-
-    def raise_if_found(self) -> None:
-        if not self.found:
-            return
-        bad = ~torch.isfinite(self.w.detach())
-        count = int(bad.sum())
-        where = [tuple(i.tolist()) for i in bad.nonzero()[:_MAX_REPORTED]]
-        nan, inf = int(torch.isnan(self.w).sum()), int(torch.isinf(self.w).sum())
-        raise ValueError(
-            f"weight of shape {tuple(self.w.shape)} holds {count} non-finite value(s) "
-            f"({nan} NaN, {inf} Inf); first at index {', '.join(map(str, where))}"
-        )
+def _raise_nonfinite(w: torch.Tensor) -> None:
+    """Count and locate NaN/Inf (a second pass, taken only when the quantizer saw one)."""
+    bad = ~torch.isfinite(w.detach())
+    count = int(bad.sum())
+    where = [tuple(i.tolist()) for i in bad.nonzero()[:_MAX_REPORTED]]
+    nan, inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
+    raise ValueError(
+        f"weight of shape {tuple(w.shape)} holds {count} non-finite value(s) "
+        f"({nan} NaN, {inf} Inf); first at index {', '.join(map(str, where))}"
+    )
 
 
 def _check_float_dtype(dtype: torch.dtype, what: str) -> None:

@@ -42,35 +42,34 @@ def _scale_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.
 
 
 def quantize_4bit(
-    flat: torch.Tensor, quant_type: str, blocksize: int, on_chunk=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    flat: torch.Tensor, quant_type: str, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Blockwise 4-bit quantization of a flat float tensor.
 
     Args:
         flat: 1-D fp32, fp16 or bf16 tensor of n elements.
         quant_type: "nf4" or "fp4".
         blocksize: elements per absmax block.
-        on_chunk: optional callback `(start, absmax_chunk)` run after each chunk (used to report
-            non-finite values without a second pass).
 
     Returns:
         packed: (ceil(n / 2),) uint8, two codes per byte, first element in the high nibble.
         absmax: (ceil(n / blocksize),) fp32.
+        has_nonfinite: whether a NaN or Inf was seen (its block's absmax is not finite).
     """
     n = flat.numel()
     bounds, nibble = (t.to(flat.device) for t in bucket_bounds(quant_type))
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    nonfinite = False
     for start, stop in _chunks(n, blocksize):
         scaled, am = _scale_blocks(flat[start:stop].float(), blocksize)
-        if on_chunk is not None:
-            on_chunk(start, am)
+        nonfinite = nonfinite or not bool(torch.isfinite(am).all())
         absmax[start // blocksize : start // blocksize + am.numel()] = am
         if scaled.numel() % 2:
             scaled = torch.nn.functional.pad(scaled, (0, 1))  # pairs with a stored 0.0
         q = nibble[torch.bucketize(scaled, bounds, out_int32=True)]
         packed[start // 2 : start // 2 + q.numel() // 2] = (q[0::2] << 4) | q[1::2]
-    return packed, absmax
+    return packed, absmax, nonfinite
 
 
 def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

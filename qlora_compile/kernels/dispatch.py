@@ -11,11 +11,11 @@ import torch
 from . import cpu, native
 
 
-def quantize_4bit(flat: torch.Tensor, quant_type: str, blocksize: int, on_chunk=None):
-    """(packed uint8 (ceil(n/2),), absmax fp32 (n_blocks,)) for a flat float tensor."""
+def quantize_4bit(flat: torch.Tensor, quant_type: str, blocksize: int):
+    """(packed uint8 (ceil(n/2),), absmax fp32 (n_blocks,), has_nonfinite) for a flat float tensor."""
     if flat.device.type == "cpu" and native.available():
-        return native.quantize_4bit(flat, quant_type, blocksize, on_chunk)
-    return cpu.quantize_4bit(flat, quant_type, blocksize, on_chunk)
+        return native.quantize_4bit(flat, quant_type, blocksize)
+    return cpu.quantize_4bit(flat, quant_type, blocksize)
 
 
 def dequantize_4bit(
