@@ -15,7 +15,7 @@ import torch
 
 from .codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code4, dynamic_map
 from .kernels import cpu as _torch_kernels
-from .kernels import dispatch
+from .kernels import dispatch, ops  # noqa: F401  (registers torch.ops.qlora)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -82,6 +82,16 @@ class QuantizedWeight:
             self.quant_type, self.blocksize, self.numel, dtype,
         )  # fmt: skip
         return flat.view(self.shape)
+
+    def op_args(self) -> tuple:
+        """The tensors and constants the `torch.ops.qlora` ops take after their first input."""
+        return (self.packed, self.absmax, self.nested_absmax, self.offset)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x @ W.T + bias` through `torch.ops.qlora.linear` (differentiable in x and bias)."""
+        return torch.ops.qlora.linear(
+            x, *self.op_args(), bias, self.quant_type, self.blocksize, list(self.shape)
+        )
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """A copy whose tensors live on `device`."""

@@ -192,7 +192,7 @@ def test_torch_path_matches_native_path():
             assert torch.equal(p1, p2) and torch.equal(a1, a2)
             for dt in DTYPES:
                 d1 = cpu.dequantize_4bit(p1, a1, qt, bs, w.numel(), dt)
-                d2 = native.dequantize_4bit(p1, a1, qt, bs, w.numel(), dt)
+                d2 = native.dequantize_4bit(p1, a1, None, None, qt, bs, w.numel(), dt)
                 assert torch.equal(d1, d2)
 
 

@@ -27,15 +27,23 @@ def dequantize_4bit(
     blocksize: int,
     n: int,
     dtype: torch.dtype,
+    scratch: bool = False,
 ) -> torch.Tensor:
-    """Flat (n,) dequantized weight of `dtype`."""
+    """Flat (n,) dequantized weight of `dtype`.
+
+    With `scratch=True` on CPU the result lives in a per-thread workspace that the next call
+    overwrites: for callers that use the weight and drop it before returning.
+    """
     if packed.device.type == "cuda":
         from . import triton_dequant
 
         return triton_dequant.dequantize(
             packed, absmax, nested_absmax, offset, quant_type, blocksize, n, dtype
         )
-    absmax32 = cpu.decode_absmax(absmax, nested_absmax, offset)
     if packed.device.type == "cpu" and native.available():
-        return native.dequantize_4bit(packed, absmax32, quant_type, blocksize, n, dtype)
+        out = native.workspace(n, dtype) if scratch else None
+        return native.dequantize_4bit(
+            packed, absmax, nested_absmax, offset, quant_type, blocksize, n, dtype, out
+        )
+    absmax32 = cpu.decode_absmax(absmax, nested_absmax, offset)
     return cpu.dequantize_4bit(packed, absmax32, quant_type, blocksize, n, dtype)

@@ -1,7 +1,7 @@
 /* Native CPU kernels for bitsandbytes' 4-bit format: blockwise quantize and dequantize.
  *
- * Built at first use by native.py (cc -O3 -march=native -ffp-contract=off) and called through
- * ctypes on disjoint element ranges from several threads. Every result equals the vectorized torch
+ * Built at first use by native.py (cc -O3 -march=native -ffp-contract=off -fopenmp) and called
+ * through ctypes; the *_parallel entry points split whole blocks over OpenMP threads. Every result equals the vectorized torch
  * path (cpu.py) bit for bit: the same fp32 operations in the same order, no fused multiply-add.
  * With AVX-512 a 16-entry code lookup is one permute; without it a scalar loop does the same.
  *
@@ -12,6 +12,9 @@
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 enum { KIND_F32 = 0, KIND_F16 = 1, KIND_BF16 = 2 };
@@ -71,11 +74,21 @@ static inline void store16(void* out, int kind, int64_t i, __m512 v) {
 }
 #endif
 
-void qc_dequantize(const uint8_t* packed, const float* absmax, const float* code, void* out, int kind,
-                   int64_t blocksize, int64_t start, int64_t stop) {
+/* absmax is fp32 per block, or (nested != NULL) uint8 codes decoded as
+ * code8[q] * nested[b / 256] + offset: two fp32 roundings, as bitsandbytes. */
+void qc_dequantize(const uint8_t* packed, const void* absmax, const float* nested, float offset,
+                   const float* code8, const float* code, void* out, int kind, int64_t blocksize,
+                   int64_t start, int64_t stop) {
     for (int64_t b0 = start; b0 < stop; b0 += blocksize) {
         const int64_t b1 = b0 + blocksize < stop ? b0 + blocksize : stop;
-        const float scale = absmax[b0 / blocksize];
+        const int64_t b = b0 / blocksize;
+        float scale;
+        if (nested) {
+            scale = code8[((const uint8_t*)absmax)[b]] * nested[b >> 8];
+            scale = scale + offset;
+        } else {
+            scale = ((const float*)absmax)[b];
+        }
         float table[16];
         for (int j = 0; j < 16; ++j) table[j] = code[j] * scale;
         int64_t i = b0;
@@ -152,6 +165,47 @@ int qc_quantize(const void* x, int kind, const float* bounds, const uint8_t* nib
             }
             packed[i / 2] = (uint8_t)((nibble[bucket(v0, bounds)] << 4) | nibble[bucket(v1, bounds)]);
         }
+    }
+    return nonfinite;
+}
+
+/* ---- parallel entry points: contiguous runs of whole blocks per thread ---- */
+static inline void thread_range(int64_t n, int64_t blocksize, int t, int nt, int64_t* s, int64_t* e) {
+    const int64_t blocks = (n + blocksize - 1) / blocksize;
+    const int64_t per = (blocks + nt - 1) / nt;
+    *s = t * per * blocksize;
+    *e = (t + 1) * per * blocksize < n ? (t + 1) * per * blocksize : n;
+}
+
+void qc_dequantize_parallel(const uint8_t* packed, const void* absmax, const float* nested, float offset,
+                            const float* code8, const float* code, void* out, int kind, int64_t blocksize,
+                            int64_t n, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int64_t s, e;
+        thread_range(n, blocksize, t, nt, &s, &e);
+        if (s < e) qc_dequantize(packed, absmax, nested, offset, code8, code, out, kind, blocksize, s, e);
+    }
+}
+
+int qc_quantize_parallel(const void* x, int kind, const float* bounds, const uint8_t* nibble, uint8_t* packed,
+                         float* absmax, int64_t blocksize, int64_t n, int threads) {
+    int nonfinite = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : nonfinite)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int64_t s, e;
+        thread_range(n, blocksize, t, nt, &s, &e);
+        if (s < e) nonfinite |= qc_quantize(x, kind, bounds, nibble, packed, absmax, blocksize, s, e, n);
     }
     return nonfinite;
 }

@@ -1,0 +1,138 @@
+"""torch.library ops over the 4-bit format (namespace `qlora`).
+
+- `qlora::dequantize(packed, absmax, nested_absmax, offset, quant_type, blocksize, shape, dtype)`
+- `qlora::linear(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape)`:
+  `y = x W^T + b` with W dequantized to x's dtype.
+- `qlora::linear_dx(grad, packed, ..., shape)`: `grad W`, the input gradient.
+
+Every op is opaque to Dynamo (one FX node each) and has a fake kernel, so `torch.compile` traces a
+model that uses them with `fullgraph=True`. `linear`'s autograd computes dX only (the weight is
+frozen), saves only the 4-bit tensors and re-dequantizes in backward; it returns a bias gradient
+when the bias requires one. CUDA runs Triton kernels; CPU runs the native (or torch) dequantize
+and then the BLAS matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import dispatch
+
+_DEQUANT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dense(
+    packed, absmax, nested_absmax, offset, quant_type, blocksize, shape, dtype, scratch=False
+) -> Tensor:
+    n = int(torch.Size(shape).numel())
+    flat = dispatch.dequantize_4bit(
+        packed, absmax, nested_absmax, offset, quant_type, blocksize, n, dtype, scratch=scratch
+    )
+    return flat.view(shape)
+
+
+def _check_linear(x: Tensor, shape: list[int]) -> None:
+    if len(shape) != 2 or x.shape[-1] != shape[1]:
+        raise ValueError(f"qlora::linear: input of shape {tuple(x.shape)} does not match weight {shape}")
+    if x.dtype not in _DEQUANT_DTYPES:
+        raise TypeError(f"qlora::linear: input dtype must be fp32, fp16 or bf16, got {x.dtype}")
+
+
+@torch.library.custom_op("qlora::dequantize", mutates_args=())
+def dequantize(
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    offset: Tensor | None,
+    quant_type: str,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """The dense weight of `shape` and `dtype`, bit-identical to bitsandbytes' dequantize_4bit."""
+    return _dense(packed, absmax, nested_absmax, offset, quant_type, blocksize, shape, dtype)
+
+
+@dequantize.register_fake
+def _(packed, absmax, nested_absmax, offset, quant_type, blocksize, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("qlora::linear", mutates_args=())
+def linear(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    offset: Tensor | None,
+    bias: Tensor | None,
+    quant_type: str,
+    blocksize: int,
+    shape: list[int],
+) -> Tensor:
+    """`x @ W.T + bias`, W (out_features, in_features) in the 4-bit format."""
+    _check_linear(x, shape)
+    if x.device.type == "cuda":
+        from . import triton_matmul
+
+        return triton_matmul.linear(
+            x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape
+        )
+    w = _dense(packed, absmax, nested_absmax, offset, quant_type, blocksize, shape, x.dtype, scratch=True)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))  # w is dropped here
+
+
+@linear.register_fake
+def _(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.custom_op("qlora::linear_dx", mutates_args=())
+def linear_dx(
+    grad: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    offset: Tensor | None,
+    quant_type: str,
+    blocksize: int,
+    shape: list[int],
+) -> Tensor:
+    """`grad @ W`: the gradient of `x @ W.T` with respect to x."""
+    if grad.device.type == "cuda":
+        from . import triton_matmul
+
+        return triton_matmul.linear_dx(
+            grad, packed, absmax, nested_absmax, offset, quant_type, blocksize, shape
+        )
+    w = _dense(packed, absmax, nested_absmax, offset, quant_type, blocksize, shape, grad.dtype, scratch=True)
+    return grad @ w  # w is dropped here
+
+
+@linear_dx.register_fake
+def _(grad, packed, absmax, nested_absmax, offset, quant_type, blocksize, shape):
+    return grad.new_empty((*grad.shape[:-1], shape[1]))
+
+
+def _setup_linear(ctx, inputs, output) -> None:
+    x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, offset)  # 4-bit tensors only, never W
+    ctx.quant = (quant_type, blocksize, shape)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, grad):
+    packed, absmax, nested_absmax, offset = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = linear_dx(grad, packed, absmax, nested_absmax, offset, *ctx.quant)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias, None, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_setup_linear)
+
+__all__ = ["dequantize", "linear", "linear_dx"]
