@@ -1,0 +1,160 @@
+"""torch.ops.qlora: values, autograd, fake kernels, and torch.compile without graph breaks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnb_oracle
+from qlora_compile import QuantizedWeight, quantize_weight
+
+
+class QLinear(nn.Module):
+    """A minimal module over the op (the real QLoRA linear lands with compile())."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        qw = quantize_weight(w)
+        for name, t in zip(("packed", "absmax", "nested_absmax", "offset"), qw.op_args(), strict=True):
+            self.register_buffer(name, t)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self.meta = (qw.quant_type, qw.blocksize, list(qw.shape))
+
+    def forward(self, x):
+        args = (self.packed, self.absmax, self.nested_absmax, self.offset)
+        return torch.ops.qlora.linear(x, *args, self.bias, *self.meta)
+
+
+def op_inputs(qw: QuantizedWeight):
+    return (*qw.op_args(), qw.quant_type, qw.blocksize, list(qw.shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_op_equals_bitsandbytes(dtype):
+    w = torch.randn(96, 256) * 0.02
+    packed, state, _ = bnb_oracle.quantize(w.to(dtype), "nf4", 64, True)
+    qw = quantize_weight(w.to(dtype))
+    got = torch.ops.qlora.dequantize(*op_inputs(qw), dtype)
+    assert got.shape == (96, 256) and got.dtype == dtype
+    assert torch.equal(got, bnb_oracle.dequantize(packed, state))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_values_and_gradients(dtype, with_bias):
+    w = torch.randn(48, 128) * 0.05
+    qw = quantize_weight(w.to(dtype))
+    dense = qw.dequantize(dtype)
+    bias = torch.randn(48, dtype=dtype, requires_grad=True) if with_bias else None
+    x = torch.randn(2, 5, 128, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 5, 48, dtype=dtype)
+
+    y = qw.linear(x, bias)
+    y.backward(g)
+    x_ref = x.detach().clone().requires_grad_()
+    bias_ref = None if bias is None else bias.detach().clone().requires_grad_()
+    F.linear(x_ref, dense, bias_ref).backward(g)
+
+    assert torch.equal(y, F.linear(x.detach(), dense, None if bias is None else bias.detach()))
+    assert torch.equal(x.grad, x_ref.grad)
+    if with_bias:
+        torch.testing.assert_close(bias.grad, bias_ref.grad)
+
+
+def test_linear_matches_bitsandbytes_matmul_4bit():
+    import bitsandbytes as bnb
+
+    w = torch.randn(64, 256) * 0.02
+    packed, state, _ = bnb_oracle.quantize(w, "nf4", 64, True)
+    x = torch.randn(7, 256)
+    ours = quantize_weight(w).linear(x)
+    theirs = bnb.matmul_4bit(x, packed.t(), quant_state=state)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_saves_only_the_packed_weight():
+    w = torch.randn(256, 512, dtype=torch.bfloat16)
+    qw = quantize_weight(w)
+    x = torch.randn(8, 512, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = qw.linear(x)
+    assert sum(t.numel() * t.element_size() for t in saved) == qw.nbytes  # no x, no dense W
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_bias_without_grad_and_no_input_grad():
+    qw = quantize_weight(torch.randn(16, 64))
+    bias = torch.randn(16)
+    x = torch.randn(3, 64, requires_grad=True)
+    qw.linear(x, bias).sum().backward()
+    assert bias.grad is None and x.grad is not None
+    y = qw.linear(torch.randn(3, 64))  # nothing requires grad: no graph
+    assert y.grad_fn is None
+
+
+def test_linear_rejects_mismatched_input():
+    qw = quantize_weight(torch.randn(16, 64))
+    with pytest.raises(ValueError, match=r"input of shape \(3, 32\) does not match weight \[16, 64\]"):
+        qw.linear(torch.randn(3, 32))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck(with_bias):
+    """Schema, fake kernel and autograd registration are consistent (torch.library.opcheck)."""
+    qw = quantize_weight(torch.randn(32, 64))
+    x = torch.randn(4, 64, requires_grad=True)
+    bias = torch.randn(32, requires_grad=True) if with_bias else None
+    torch.library.opcheck(torch.ops.qlora.linear.default, (x, *qw.op_args(), bias, "nf4", 64, [32, 64]))
+    torch.library.opcheck(torch.ops.qlora.linear_dx.default, (torch.randn(4, 32), *op_inputs(qw)))
+    torch.library.opcheck(torch.ops.qlora.dequantize.default, (*op_inputs(qw), torch.bfloat16))
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = QLinear(torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1)
+        self.down = QLinear(torch.randn(64, 96) * 0.1)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+def test_dynamo_explain_one_graph_no_breaks():
+    model = TwoLayer()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64))
+    assert explanation.graph_count == 1
+    assert explanation.graph_break_count == 0
+    targets = [n.target for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("qlora.linear" in str(t) for t in targets) == 2
+
+
+def test_compile_fullgraph_inductor_cpu():
+    """Real Inductor (C++ codegen) with fullgraph=True: same values and gradients as eager."""
+    torch._dynamo.reset()
+    model = TwoLayer()
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y = compiled(x)
+    y_ref = model(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    bias_grad_compiled = model.up.bias.grad.clone()
+    model.up.bias.grad = None
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias_grad_compiled, model.up.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_aot_eager_bias_grad():
+    torch._dynamo.reset()
+    model = TwoLayer()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 64)
+    compiled(x).sum().backward()
+    grad_compiled = model.up.bias.grad.clone()
+    model.up.bias.grad = None
+    model(x).sum().backward()
+    torch.testing.assert_close(grad_compiled, model.up.bias.grad)
