@@ -1,11 +1,11 @@
 """torch.ops.qlora: values, autograd, fake kernels, and torch.compile without graph breaks."""
 
+import bnb_oracle
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bnb_oracle
 from qlora_compile import QuantizedWeight, quantize_weight
 
 
