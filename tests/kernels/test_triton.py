@@ -138,3 +138,18 @@ def test_kernels_reject_bad_shapes(device):
         tm.linear_forward(torch.randn(2, 128, device=device), *qw.op_args(), None, "nf4", 64, [64, 256])
     with pytest.raises(ValueError, match="does not match weight"):
         tm.linear_dx_fused(torch.randn(2, 32, device=device), *qw.op_args(), "nf4", 64, [64, 256])
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_ops_autograd_on_device(m, device):
+    """torch.ops.qlora on the device: Triton on CUDA (GEMV for one row), the CPU path elsewhere."""
+    _, qw = weight((96, 200), torch.float32, device)
+    x = torch.randn(m, 200, device=device, requires_grad=True)
+    bias = torch.randn(96, device=device, requires_grad=True)
+    y = qw.linear(x, bias)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dense = qw.dequantize(torch.float32)
+    torch.testing.assert_close(y, x.detach() @ dense.t() + bias.detach(), rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, g @ dense, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad, g.sum(0), rtol=2e-5, atol=1e-5)

@@ -1,0 +1,1 @@
+"""The `qlora-compile` command line and the helpers it shares (packaged assets)."""
