@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU checks for a lent CUDA machine (the `device` tool's run): the Triton kernel tests on CUDA and
+# the GPU benchmark against cuBLAS and bitsandbytes. Results land under $OUT (default gpu_out/).
+#
+# Prepare here, once:  echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+# Then: device run, carry [".whl"], command "bash tools/gpu_check.sh", timeout about 420 s.
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/gpu.txt"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/tests.log"
+tests=${PIPESTATUS[0]}
+timeout 200 python3 benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
+bench=${PIPESTATUS[0]}
+echo "tests exit $tests, benchmark exit $bench" | tee -a "$OUT/gpu.txt"
+exit $(( tests != 0 || bench != 0 ))
