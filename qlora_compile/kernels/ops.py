@@ -71,21 +71,26 @@ def linear(
     quant_type: str,
     blocksize: int,
     shape: list[int],
+    kernel: str = "auto",
 ) -> Tensor:
-    """`x @ W.T + bias`, W (out_features, in_features) in the 4-bit format."""
+    """`x @ W.T + bias`, W (out_features, in_features) in the 4-bit format.
+
+    `kernel` is "auto" (chosen per call by shape) or what passes/choose_kernel.py fixed for a
+    static shape: "gemv", "fused" or "dequant_matmul" on CUDA; the CPU has one, "dequant_matmul".
+    """
     _check_linear(x, shape)
     if x.device.type == "cuda":
         from . import triton_matmul
 
         return triton_matmul.linear(
-            x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape
+            x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, kernel
         )
     w = _dense(packed, absmax, nested_absmax, offset, quant_type, blocksize, shape, x.dtype, scratch=True)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))  # w is dropped here
 
 
 @linear.register_fake
-def _(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape):
+def _(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, kernel="auto"):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
@@ -117,7 +122,7 @@ def _(grad, packed, absmax, nested_absmax, offset, quant_type, blocksize, shape)
 
 
 def _setup_linear(ctx, inputs, output) -> None:
-    x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape = inputs
+    x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape = inputs[:9]
     ctx.save_for_backward(packed, absmax, nested_absmax, offset)  # 4-bit tensors only, never W
     ctx.quant = (quant_type, blocksize, shape)
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -130,9 +135,122 @@ def _linear_backward(ctx, grad):
         grad_x = linear_dx(grad, packed, absmax, nested_absmax, offset, *ctx.quant)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, grad_bias, None, None, None
+    return grad_x, None, None, None, None, grad_bias, None, None, None, None
 
 
 linear.register_autograd(_linear_backward, setup_context=_setup_linear)
 
-__all__ = ["dequantize", "linear", "linear_dx"]
+
+# ---- the fused QLoRA op: base product + LoRA branch in one node (made by passes/fuse_lora.py) ----
+@torch.library.custom_op("qlora::lora_linear", mutates_args=())
+def lora_linear(
+    x: Tensor,
+    xl: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    offset: Tensor | None,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    quant_type: str,
+    blocksize: int,
+    shape: list[int],
+    out_dtype: torch.dtype,
+    kernel: str = "auto",
+) -> Tensor:
+    """`(x W^T + b).to(out_dtype) + ((xl A^T) B^T * scaling).to(out_dtype)`.
+
+    x is the base input in the compute dtype; xl the LoRA input (after dropout) in the adapters'
+    dtype. Same values as the unfused QLoRALinear forward, one node instead of eight.
+    """
+    base = linear(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, kernel)
+    lora = F.linear(F.linear(xl, lora_A), lora_B) * scaling
+    return base.to(out_dtype) + lora.to(out_dtype)
+
+
+@lora_linear.register_fake
+def _(
+    x,
+    xl,
+    packed,
+    absmax,
+    nested_absmax,
+    offset,
+    bias,
+    lora_A,
+    lora_B,
+    scaling,
+    quant_type,
+    blocksize,
+    shape,
+    out_dtype,
+    kernel="auto",
+):
+    return x.new_empty((*x.shape[:-1], shape[0]), dtype=out_dtype)
+
+
+def _setup_lora_linear(ctx, inputs, output) -> None:
+    (
+        x,
+        xl,
+        packed,
+        absmax,
+        nested_absmax,
+        offset,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        quant_type,
+        blocksize,
+        shape,
+        *_,
+    ) = inputs
+    # the 4-bit weight, the LoRA input and the adapters; x A^T is recomputed (r columns) in backward
+    ctx.save_for_backward(packed, absmax, nested_absmax, offset, xl, lora_A, lora_B)
+    ctx.quant = (quant_type, blocksize, shape)
+    ctx.scaling, ctx.x_dtype = scaling, x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _lora_linear_backward(ctx, grad):
+    packed, absmax, nested_absmax, offset, xl, lora_A, lora_B = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_x = grad_xl = grad_bias = grad_A = grad_B = None
+    g_base = grad.to(ctx.x_dtype)
+    if need[0]:
+        grad_x = linear_dx(g_base, packed, absmax, nested_absmax, offset, *ctx.quant)
+    if ctx.bias_dtype is not None and need[6]:
+        grad_bias = g_base.reshape(-1, g_base.shape[-1]).sum(0).to(ctx.bias_dtype)
+    g_lora = (grad.to(lora_B.dtype) * ctx.scaling).reshape(-1, lora_B.shape[0])  # (M, N)
+    xl2 = xl.reshape(-1, xl.shape[-1])  # (M, K)
+    g_xa = g_lora @ lora_B  # (M, r)
+    if need[8]:
+        grad_B = g_lora.t() @ (xl2 @ lora_A.t())
+    if need[7]:
+        grad_A = g_xa.t() @ xl2
+    if need[1]:
+        grad_xl = (g_xa @ lora_A).view(xl.shape)
+    return (
+        grad_x,
+        grad_xl,
+        None,
+        None,
+        None,
+        None,
+        grad_bias,
+        grad_A,
+        grad_B,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+lora_linear.register_autograd(_lora_linear_backward, setup_context=_setup_lora_linear)
+__all__ = ["dequantize", "linear", "linear_dx", "lora_linear"]

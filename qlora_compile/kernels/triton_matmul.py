@@ -287,13 +287,21 @@ gemv_reference = linear_reference
 _DEQUANT_THEN_CUBLAS_M = 1024  # from here on, dequantize once and use cuBLAS
 
 
-def linear(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape):
-    """Chooses by shape: GEMV for one token, the fused kernel for small M, cuBLAS for large M."""
-    m = x.numel() // shape[1]
-    args = (packed, absmax, nested_absmax, offset)
+def choose(m: int) -> str:
+    """The forward kernel for M rows: GEMV for one token, fused for few, cuBLAS for many."""
     if m == 1:
+        return "gemv"
+    return "fused" if m < _DEQUANT_THEN_CUBLAS_M else "dequant_matmul"
+
+
+def linear(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, kernel="auto"):
+    """x @ W^T + b with the kernel `kernel` ("auto": `choose` by the number of rows)."""
+    m = x.numel() // shape[1]
+    kernel = choose(m) if kernel == "auto" else kernel
+    args = (packed, absmax, nested_absmax, offset)
+    if kernel == "gemv" and m == 1:
         return gemv(x, *args, bias, quant_type, blocksize, shape)
-    if m < _DEQUANT_THEN_CUBLAS_M:
+    if kernel == "fused":
         return linear_forward(x, *args, bias, quant_type, blocksize, shape)
     w = dequantize(*args, quant_type, blocksize, shape[0] * shape[1], x.dtype).view(shape)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -1,5 +1,45 @@
-"""Graph passes run by qlora_compile's torch.compile backend (one pass per file).
+"""Graph passes run by qlora_compile's torch.compile backend, one pass per file.
 
-Planned with `qlora_compile.compile()`: fuse the LoRA branch into the base op, fuse linears that
-share an input, choose the kernel per shape and device.
+- `fuse_lora`: base product + LoRA branch -> one `qlora::lora_linear` node.
+- `fuse_shared_input`: products that read the same input (q/k/v, gate/up) -> one node.
+- `choose_kernel`: fix each product's kernel from its shape and device.
+
+`make_backend` runs them in that order on every graph Dynamo captures (sub-graphs included),
+adds their counts to the compile report, then hands the graph to Inductor / aot_eager / eager.
 """
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import fx
+
+from .choose_kernel import choose_kernel
+from .fuse_lora import fuse_lora
+
+__all__ = ["choose_kernel", "fuse_lora", "make_backend", "run_passes"]
+
+
+def run_passes(gm: fx.GraphModule) -> Counter:
+    """Run every pass on `gm` in order; returns the rewrite counts by name."""
+    counts: Counter = Counter()
+    counts["fuse_lora"] += fuse_lora(gm)
+    for kernel, n in choose_kernel(gm).items():
+        counts[f"kernel:{kernel}"] += n
+    return counts
+
+
+def make_backend(config, report):
+    """A torch.compile backend that runs our passes, records counts in `report`, then compiles."""
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        counts = run_passes(gm)
+        report.graphs += 1
+        for name, n in counts.items():
+            report.passes[name] = report.passes.get(name, 0) + n
+        if config.backend == "eager":
+            return gm.forward
+        return torch._dynamo.lookup_backend(config.backend)(gm, example_inputs)
+
+    return backend

@@ -1,0 +1,269 @@
+"""`qlora_compile.compile(model)`: make a PyTorch / Hugging Face model QLoRA-trainable, in place.
+
+1. Storage rewrite: each selected linear becomes a `QLoRALinear` (4-bit base + LoRA adapters),
+   layer by layer, its dense weight dropped at once; everything else is frozen, norms go to fp32.
+2. `model.compile(backend=...)`: Dynamo hands our backend FX graphs; the passes in
+   `qlora_compile/passes/` rewrite them (and count what they did), then Inductor (or aot_eager)
+   compiles the result.
+3. `model.qlora`: the handle with the config, the optimizer, a report and `save_adapter`.
+
+The model object and its class are kept, so `generate()`, `transformers.Trainer` and the model's
+config keep working.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import QLoRAConfig
+from .lora import QLoRALinear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Rewrite:
+    """One selected module: what it was and what it became."""
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    bytes_before: int
+    bytes_after: int = 0
+    skipped: str | None = None  # the reason, when it stayed as it was
+
+
+@dataclass
+class Report:
+    """What `compile` did: rewritten and skipped modules, graph-pass counts, bytes."""
+
+    rewrites: list[Rewrite] = field(default_factory=list)
+    passes: dict[str, int] = field(default_factory=dict)
+    graphs: int = 0
+
+    @property
+    def rewritten(self) -> list[Rewrite]:
+        return [r for r in self.rewrites if r.skipped is None]
+
+    @property
+    def skipped(self) -> list[Rewrite]:
+        return [r for r in self.rewrites if r.skipped is not None]
+
+    def totals(self) -> dict[str, float]:
+        before = sum(r.bytes_before for r in self.rewritten)
+        after = sum(r.bytes_after for r in self.rewritten)
+        params = sum(r.shape[0] * r.shape[1] for r in self.rewritten)
+        return {"bytes_before": before, "bytes_after": after, "bits_per_param": 8 * after / max(params, 1)}
+
+    def __str__(self) -> str:
+        t = self.totals()
+        lines = [
+            f"rewritten {len(self.rewritten)} modules: {t['bytes_before'] / 2**20:.1f} MiB -> "
+            f"{t['bytes_after'] / 2**20:.1f} MiB ({t['bits_per_param']:.3f} bits/param)",
+        ]
+        lines += [f"  skipped {r.name} ({r.kind}): {r.skipped}" for r in self.skipped]
+        if self.graphs:
+            lines.append(
+                f"graphs compiled: {self.graphs}; " + ", ".join(f"{k}: {v}" for k, v in self.passes.items())
+            )
+        else:
+            lines.append("graphs compiled: none yet (the first forward call traces the model)")
+        return "\n".join(lines)
+
+
+def _linear_kinds() -> tuple[type, ...]:
+    kinds: tuple[type, ...] = (nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds += (Conv1D,)
+    except ImportError:  # transformers is a dependency, but the pipeline does not need it
+        pass
+    return kinds
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """(out_features, in_features) view of a Linear's or Conv1D's weight."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def select_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every module `config.target_modules` selects, in order."""
+    kinds = _linear_kinds()
+    head = _output_head(model)
+    targets = config.target_modules
+    chosen = []
+    for name, module in model.named_modules():
+        if callable(targets) and not isinstance(targets, str):
+            if targets(module, name):
+                chosen.append((name, module))
+        elif isinstance(module, kinds) and module is not head:
+            if targets == "all-linear" and name.split(".")[-1] != "lm_head":
+                chosen.append((name, module))
+            elif not isinstance(targets, str) and any(name == t or name.endswith("." + t) for t in targets):
+                chosen.append((name, module))
+    if not isinstance(targets, str) and not callable(targets):
+        found = {t for t in targets if any(n == t or n.endswith("." + t) for n, _ in chosen)}
+        missing = [t for t in targets if t not in found]
+        if missing:
+            names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
+            raise ValueError(
+                f"target_modules {missing} match no Linear/Conv1D module; the model has: {names}"
+            )
+    return chosen
+
+
+def _new_layer(module: nn.Module, config: QLoRAConfig) -> QLoRALinear:
+    weight = _dense_weight(module)
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight dtype {weight.dtype} is not a float dtype (already quantized?)")
+    if weight.device.type == "meta":
+        raise ValueError("weight is on the meta device (no values to quantize)")
+    return QLoRALinear.from_dense(
+        weight,
+        module.bias,
+        quant_type=config.quant_type,
+        blocksize=config.blocksize,
+        double_quant=config.double_quant,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        compute_dtype=config.compute_dtype,
+    )
+
+
+def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
+    """Swap each target for a QLoRALinear, one at a time, so at most one dense layer is extra."""
+    kinds = _linear_kinds()
+    rewrites = []
+    for name, module in select_targets(model, config):
+        kind = type(module).__name__
+        if not isinstance(module, kinds):
+            rewrites.append(Rewrite(name, kind, (0, 0), 0, skipped="not an nn.Linear or transformers Conv1D"))
+            continue
+        weight = _dense_weight(module)
+        record = Rewrite(name, kind, tuple(weight.shape), weight.numel() * weight.element_size())
+        rewrites.append(record)
+        try:
+            layer = _new_layer(module, config)
+        except (ValueError, TypeError) as e:
+            record.skipped = str(e)
+            logger.warning("qlora_compile: skipping %s: %s", name, e)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        record.bytes_after = layer.quantized_weight.nbytes
+        del module, weight, layer  # the dense weight goes now, not at the end of the loop
+    return rewrites
+
+
+def _freeze_and_upcast_norms(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            module.float()  # QLoRA keeps norms in fp32
+
+
+class QLoRAHandle:
+    """`model.qlora`: what compile() did, and the training pieces it attached."""
+
+    def __init__(self, model: nn.Module, config: QLoRAConfig, report: Report):
+        self._model = model
+        self.config = config
+        self._report = report
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self._model.parameters() if p.requires_grad]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the LoRA parameters, configured from the config (created on first use)."""
+        if self._optimizer is None:
+            self._optimizer = torch.optim.AdamW(
+                self.trainable_parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+            )
+        return self._optimizer
+
+    def step(self) -> float:
+        """Clip gradients to `max_grad_norm`, step the optimizer, zero the gradients; returns the norm."""
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def report(self) -> Report:
+        return self._report
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        from .adapters import save_adapter
+
+        return save_adapter(self._model, directory)
+
+
+def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) -> nn.Module:  # noqa: A001
+    """Make `model` QLoRA-trainable and compiled, in place; returns the same object.
+
+    Args:
+        model: any nn.Module; Hugging Face models keep `generate()` and Trainer support.
+        config: a QLoRAConfig (default: the paper's settings).
+        **overrides: QLoRAConfig fields to change, e.g. `r=16, backend="aot_eager"`.
+
+    Raises:
+        ValueError: no eligible linear layer, a target name that does not exist, or a model that
+            is already compiled.
+    """
+    from .passes import make_backend
+
+    config = (config or QLoRAConfig()).with_overrides(**overrides)
+    compiled = getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or model._compiled_call_impl or compiled:
+        raise ValueError(
+            "model is already torch.compile'd: pass the original module to qlora_compile.compile"
+        )
+    if hasattr(model, "qlora") or any(isinstance(m, QLoRALinear) for m in model.modules()):
+        raise ValueError("model was already processed by qlora_compile.compile")
+    report = Report(rewrite_storage(model, config))
+    if not report.rewritten:
+        reasons = (
+            "; ".join(f"{r.name}: {r.skipped}" for r in report.skipped) or "no nn.Linear/Conv1D selected"
+        )
+        raise ValueError(f"no eligible linear layer to quantize ({reasons})")
+    _freeze_and_upcast_norms(model)
+    if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.qlora = QLoRAHandle(model, config, report)
+    _compile_forward(model, make_backend(config, report))
+    return model
+
+
+def _compile_forward(model: nn.Module, backend) -> None:
+    """Replace the instance's forward by a compiled wrapper of it.
+
+    Not `nn.Module.compile`: its entry frame is inside torch.nn, which Dynamo skips for torch.nn
+    containers (an nn.Sequential would run eagerly, layer by layer). A wrapper defined here is
+    traced and inlines the original forward, giving one graph; `functools.wraps` keeps the
+    signature that `generate()` and Trainer inspect.
+    """
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    model.forward = torch.compile(forward, backend=backend)
