@@ -1,6 +1,18 @@
 """qlora-compile: QLoRA as a compiler pipeline."""
 
+from .adapters import load_adapter, save_adapter
+from .config import QLoRAConfig
 from .format import QuantizedWeight, quantize_weight
+from .lora import QLoRALinear
+from .pipeline import compile
 
-__all__ = ["QuantizedWeight", "quantize_weight"]
+__all__ = [
+    "QLoRAConfig",
+    "QLoRALinear",
+    "QuantizedWeight",
+    "compile",
+    "load_adapter",
+    "quantize_weight",
+    "save_adapter",
+]
 __version__ = "0.1.0"

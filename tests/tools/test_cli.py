@@ -1,6 +1,7 @@
 """The command line: `info`, and `demo` end to end on the packaged SmolLM2 (small settings)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -20,8 +21,9 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert "--tokens and --window must be at least 2" in capsys.readouterr().err
 
 
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, smollm2_dir):
     """Real SmolLM2-135M weights: NF4 beats FP4, double quantization costs ~nothing, 4.127 bits."""
+    shutil.copytree(smollm2_dir, tmp_path / smollm2_dir.name)  # the demo reuses a built folder
     cmd = [
         sys.executable,
         "-m",

@@ -1,0 +1,279 @@
+"""qlora_compile.compile on real model families: it trains compiled, adds no graph break, and its
+passes do what they count."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import qlora_compile
+from qlora_compile import QLoRAConfig, QLoRALinear
+
+FAST = {"backend": "aot_eager", "r": 4, "compute_dtype": torch.float32}
+
+SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, SMALL),
+    "mistral": (transformers.MistralConfig, SMALL),
+    "qwen2": (transformers.Qwen2Config, SMALL),
+    "gemma2": (transformers.Gemma2Config, {**SMALL, "head_dim": 16}),
+    "phi": (transformers.PhiConfig, {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}),
+    "opt": (transformers.OPTConfig, {"vocab_size": 128, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
+                                     "num_attention_heads": 4, "word_embed_proj_dim": 64, "max_position_embeddings": 64}),
+    "gpt2": (transformers.GPT2Config, {"vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}),
+}  # fmt: skip
+
+
+def causal_lm(family: str) -> nn.Module:
+    config_cls, kwargs = FAMILIES[family]
+    return transformers.AutoModelForCausalLM.from_config(config_cls(**kwargs)).float()
+
+
+def count_layers(model) -> int:
+    return sum(isinstance(m, QLoRALinear) for m in model.modules())
+
+
+def graph_breaks(model, *args, **kwargs) -> int:
+    torch._dynamo.reset()
+    return torch._dynamo.explain(model)(*args, **kwargs).graph_break_count
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_families_train_compiled(family):
+    model = causal_lm(family)
+    ids = torch.randint(0, 128, (2, 12))
+    reference = copy.deepcopy(model).train()
+    # the same model with the same (HF, non-reentrant) checkpointing, without us
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    breaks_without_us = graph_breaks(reference, ids, labels=ids, use_cache=False)
+    torch._dynamo.reset()
+    qlora_compile.compile(model, **FAST)
+    model.train()
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    layers = count_layers(model)
+    report = model.qlora.report()
+    assert torch.isfinite(loss) and layers == len(report.rewritten) > 0
+    assert report.passes["fuse_lora"] == layers  # every QLoRA layer became one fused node
+    assert sum(v for k, v in report.passes.items() if k.startswith("kernel:")) == layers
+    assert report.graphs == breaks_without_us + 1  # no graph break of ours
+    grads = [m.lora_B.weight.grad for m in model.modules() if isinstance(m, QLoRALinear)]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    head = model.get_output_embeddings()
+    assert not isinstance(head, QLoRALinear)
+
+
+def test_gpt2_conv1d_is_transposed():
+    model = causal_lm("gpt2").eval()
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        dense = model(ids).logits
+    qlora_compile.compile(model, **FAST, lora_dropout=0.0)
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, QLoRALinear) and (layer.out_features, layer.in_features) == (192, 64)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert (logits - dense).abs().max() < 0.1 * dense.abs().max()
+
+
+def test_sequential_of_linears():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
+    qlora_compile.compile(model, **FAST, lora_dropout=0.0, gradient_checkpointing=False)
+    for m in model.modules():
+        if isinstance(m, QLoRALinear):
+            nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(5, 64)
+    y = model(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    with torch.compiler.set_stance("force_eager"):
+        y_eager = model(x)
+        y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad], strict=True):
+        torch.testing.assert_close(g, p.grad)
+    assert model.qlora.report().graphs == 1 and model.qlora.report().passes["fuse_lora"] == 2
+
+
+def test_smollm2_real_weights(smollm2_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    qlora_compile.compile(model, **FAST)
+    model.train()
+    ids = torch.randint(0, 1000, (1, 16))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and count_layers(model) == 30 * 7
+    assert model.qlora.report().passes["fuse_lora"] == 30 * 7
+
+
+def test_bert_minilm_real_weights(minilm_dir):
+    model = transformers.AutoModel.from_pretrained(minilm_dir, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    batch = tok(["QLoRA quantizes the frozen base.", "Adapters train."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        dense = model(**batch).last_hidden_state
+    qlora_compile.compile(model, **FAST, lora_dropout=0.0)
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+    cos = nn.functional.cosine_similarity(out.flatten(1), dense.flatten(1))
+    assert (cos > 0.95).all()  # 4-bit weights keep the embedding's direction
+    model.train()
+    model(**batch).last_hidden_state.square().mean().backward()
+    assert count_layers(model) == 6 * 6 + 1  # q, k, v, attn out, intermediate, output per layer; pooler
+    assert all(m.lora_B.weight.grad is not None for m in model.modules() if isinstance(m, QLoRALinear))
+
+
+def test_generate_compiled_equals_eager():
+    torch.manual_seed(0)
+    model = causal_lm("llama").eval()
+    qlora_compile.compile(model, **FAST, lora_dropout=0.0)
+    ids = torch.randint(0, 128, (1, 6))
+    compiled = model.generate(ids, max_new_tokens=8, do_sample=False)
+    with torch.compiler.set_stance("force_eager"):
+        eager = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(compiled, eager) and compiled.shape == (1, 14)
+
+
+def test_checkpointing_with_dropout_trains():
+    """HF non-reentrant checkpointing + lora_dropout > 0 + compile (PEFT + compile fails here, peft#3020)."""
+    model = causal_lm("llama")
+    qlora_compile.compile(model, **FAST, lora_dropout=0.1, gradient_checkpointing=True)
+    assert model.is_gradient_checkpointing
+    model.train()
+    ids = torch.randint(0, 128, (2, 12))
+    for _ in range(3):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        model.qlora.step()
+    assert torch.isfinite(loss)
+    assert model.qlora.report().passes["fuse_lora"] >= count_layers(model)
+
+
+def test_trainer_trains_compiled_model(tmp_path):
+    model = causal_lm("llama")
+    qlora_compile.compile(model, **FAST, lora_dropout=0.0)
+    ids = torch.randint(0, 128, (16, 12))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert result.global_step == 4 and len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(m.lora_B.weight.abs().sum() > 0 for m in model.modules() if isinstance(m, QLoRALinear))
+
+
+def test_lora_init_as_peft_and_norms_fp32():
+    model = causal_lm("llama").to(torch.bfloat16)
+    qlora_compile.compile(model, backend="aot_eager", r=8)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B.weight.abs().sum() == 0 and layer.lora_A.weight.abs().sum() > 0
+    bound = 1 / layer.in_features**0.5  # kaiming_uniform(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.dtype == torch.float32
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert layer.compute_dtype == torch.bfloat16 and layer.scaling == 16 / 8
+
+
+def test_target_modules_by_name_and_filter():
+    model = causal_lm("llama")
+    qlora_compile.compile(model, **FAST, target_modules=["q_proj", "v_proj"])
+    assert count_layers(model) == 4 and not isinstance(model.model.layers[0].mlp.up_proj, QLoRALinear)
+    model = causal_lm("llama")
+    qlora_compile.compile(
+        model, **FAST, target_modules=lambda m, fqn: isinstance(m, nn.Linear) and "mlp" in fqn
+    )
+    assert count_layers(model) == 6
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no eligible linear layer"):
+        qlora_compile.compile(nn.Sequential(nn.Conv2d(3, 3, 3)), **FAST)
+    with pytest.raises(
+        ValueError, match=r"target_modules \['qkv'\] match no Linear/Conv1D module; the model has: \["
+    ):
+        qlora_compile.compile(causal_lm("llama"), **FAST, target_modules=["q_proj", "qkv"])
+    model = causal_lm("llama")
+    qlora_compile.compile(model, **FAST)
+    with pytest.raises(ValueError, match="already processed"):
+        qlora_compile.compile(model, **FAST)
+    with pytest.raises(ValueError, match="already torch.compile'd"):
+        qlora_compile.compile(torch.compile(nn.Sequential(nn.Linear(4, 4))), **FAST)
+    with pytest.raises(TypeError, match="unknown QLoRAConfig field"):
+        qlora_compile.compile(causal_lm("llama"), rank=4)
+
+
+def test_unquantizable_module_is_skipped_and_reported():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[2].weight[3, 7] = float("nan")
+    qlora_compile.compile(model, **FAST)
+    report = model.qlora.report()
+    assert [r.name for r in report.rewritten] == ["0"]
+    assert report.skipped[0].name == "2" and "1 non-finite value(s)" in report.skipped[0].skipped
+    assert "skipped 2 (Linear)" in str(report)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"quant_type": "int4"}, "quant_type must be one of"),
+        ({"blocksize": 48}, "blocksize must be one of"),
+        ({"r": 0}, "r must be a positive int"),
+        ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+        ({"target_modules": "all"}, "target_modules must be 'all-linear'"),
+        ({"compute_dtype": torch.int8}, "compute_dtype must be one of"),
+        ({"optim_bits": 16}, "optim_bits must be one of"),
+        ({"backend": "tvm"}, "backend must be one of"),
+    ],
+)
+def test_config_validation(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        QLoRAConfig(**kwargs)
+
+
+def test_config_defaults_are_the_papers():
+    c = QLoRAConfig()
+    assert (c.quant_type, c.blocksize, c.double_quant, c.compute_dtype) == ("nf4", 64, True, torch.bfloat16)
+    assert (c.r, c.lora_alpha, c.lora_dropout, c.target_modules) == (64, 16, 0.05, "all-linear")
+    assert (c.lr, c.weight_decay, c.max_grad_norm, c.paged, c.optim_bits) == (2e-4, 0.0, 0.3, True, 32)
+    assert c.gradient_checkpointing
+
+
+_PEAK_PROBE = """
+import resource, torch, transformers, qlora_compile
+cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                               num_attention_heads=8, num_key_value_heads=8)
+model = transformers.LlamaForCausalLM(cfg)
+layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+qlora_compile.compile(model, backend="eager", r=8)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(peak - base, layer)
+"""
+
+
+def test_compile_peak_memory_is_model_plus_one_layer():
+    """Storage rewrite frees each dense weight as it goes: peak RSS grows by at most one layer."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, check=True)
+    growth, layer = map(int, out.stdout.split())
+    assert growth <= layer, f"peak grew {growth / 2**20:.0f} MiB, one layer is {layer / 2**20:.0f} MiB"
+
+
+def test_many_models_each_compile():
+    """Dynamo caches per code object (8 variants): every model gets its own, so the 10th compiles too."""
+    for _ in range(10):
+        model = nn.Sequential(nn.Linear(32, 32))
+        qlora_compile.compile(model, **FAST, gradient_checkpointing=False)
+        model(torch.randn(2, 32))
+        assert model.qlora.report().graphs == 1 and model.qlora.report().passes["fuse_lora"] == 1
