@@ -1,0 +1,155 @@
+"""Against the reference stack: transformers + bitsandbytes 4-bit + PEFT LoRA with the same weights.
+
+bitsandbytes repacks 4-bit weights for its CPU kernel, rounding absmax to bf16, on its first
+eval-mode forward on AVX512-BF16 CPUs; the reference runs in train mode (dropout 0) to stay on its
+exact path.
+"""
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import qlora_compile
+from qlora_compile import QLoRALinear
+
+R, ALPHA = 8, 16
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def ours(base_dir, seed=1):
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    qlora_compile.compile(
+        model, r=R, lora_alpha=ALPHA, lora_dropout=0.0, compute_dtype=torch.float32,
+        backend="aot_eager", gradient_checkpointing=False,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QLoRALinear):  # a non-zero B, so the branch matters
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.02)
+    return model.train()
+
+
+def bnb_base(base_dir):
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=quant, device_map="cpu", dtype=torch.float32
+    )
+
+
+def peft_lora_modules(model):
+    return {
+        name.removeprefix("base_model.model."): m
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict) and "default" in m.lora_A
+    }
+
+
+def reference(base_dir, our_model):
+    model = get_peft_model(bnb_base(base_dir), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear"))
+    layers = dict(our_model.named_modules())
+    modules = peft_lora_modules(model)
+    assert len(modules) == sum(isinstance(m, QLoRALinear) for m in layers.values()) == 14
+    with torch.no_grad():
+        for name, m in modules.items():
+            m.lora_A["default"].weight.copy_(layers[name].lora_A.weight)
+            m.lora_B["default"].weight.copy_(layers[name].lora_B.weight)
+    return model.train()
+
+
+def test_quantized_bytes_equal_transformers_bitsandbytes(base_dir):
+    model, ref = ours(base_dir), bnb_base(base_dir)
+    theirs = dict(ref.named_modules())
+    for name, m in model.named_modules():
+        if isinstance(m, QLoRALinear):
+            w = theirs[name].weight
+            assert torch.equal(m.weight_packed.view(-1), w.data.view(-1)), name
+            assert torch.equal(m.weight_absmax, w.quant_state.absmax), name
+
+
+def test_logits_and_lora_gradients_match(base_dir):
+    model = ours(base_dir)
+    ref = reference(base_dir, model)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    out, out_ref = model(ids, labels=ids), ref(ids, labels=ids)
+    torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    out_ref.loss.backward()
+    layers = dict(model.named_modules())
+    for name, m in peft_lora_modules(ref).items():
+        for ab in ("A", "B"):
+            ours_grad = getattr(layers[name], f"lora_{ab}").weight.grad
+            theirs_grad = getattr(m, f"lora_{ab}")["default"].weight.grad
+            torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-4, atol=1e-6, msg=f"{name}.lora_{ab}")
+
+
+def test_training_tracks_reference_loss_curve(base_dir):
+    """30 AdamW steps from the same initialization: every loss within 1% of the reference's."""
+    model = ours(base_dir)
+    ref = reference(base_dir, model)
+    optimizers = [
+        torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (model, ref)
+    ]
+    g = torch.Generator().manual_seed(3)
+    data = torch.randint(0, 256, (30, 4, 32), generator=g)
+    losses = []
+    for batch in data:
+        step = []
+        for m, opt in zip((model, ref), optimizers, strict=True):
+            loss = m(batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            step.append(loss.item())
+        losses.append(step)
+    for i, (a, b) in enumerate(losses):
+        assert abs(a - b) / b < 0.01, f"step {i}: ours {a:.5f}, reference {b:.5f}"
+    assert losses[-1][0] < losses[0][0]  # it learned something
+
+
+def test_saved_adapter_loads_in_peft(base_dir, tmp_path):
+    model = ours(base_dir)
+    qlora_compile.save_adapter(model, tmp_path / "adapter")
+    ref = PeftModel.from_pretrained(bnb_base(base_dir), tmp_path / "adapter").train()
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_adapter_loads_here(base_dir, tmp_path):
+    donor = ours(base_dir, seed=7)
+    ref = reference(base_dir, donor)
+    ref.save_pretrained(tmp_path / "peft")
+    model = ours(base_dir, seed=1)  # other B weights, replaced by the load
+    qlora_compile.load_adapter(model, tmp_path / "peft")
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_load_adapter_errors(base_dir, tmp_path):
+    model = ours(base_dir)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        qlora_compile.load_adapter(model, tmp_path)
+    other = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    qlora_compile.compile(other, r=4, backend="aot_eager", target_modules=["q_proj"])
+    qlora_compile.save_adapter(other, tmp_path / "small")
+    with pytest.raises(ValueError, match=r"missing model.layers.0.mlp.down_proj.lora_A.weight"):
+        qlora_compile.load_adapter(model, tmp_path / "small")
+    with pytest.raises(ValueError, match="no QLoRA layers"):
+        qlora_compile.save_adapter(torch.nn.Linear(2, 2), tmp_path / "none")
