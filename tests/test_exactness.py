@@ -61,7 +61,9 @@ def peft_lora_modules(model):
 
 
 def reference(base_dir, our_model):
-    model = get_peft_model(bnb_base(base_dir), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear"))
+    model = get_peft_model(
+        bnb_base(base_dir), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear")
+    )
     layers = dict(our_model.named_modules())
     modules = peft_lora_modules(model)
     assert len(modules) == sum(isinstance(m, QLoRALinear) for m in layers.values()) == 14

@@ -17,14 +17,16 @@ from torch import fx
 
 from .choose_kernel import choose_kernel
 from .fuse_lora import fuse_lora
+from .fuse_shared_input import fuse_shared_input
 
-__all__ = ["choose_kernel", "fuse_lora", "make_backend", "run_passes"]
+__all__ = ["choose_kernel", "fuse_lora", "fuse_shared_input", "make_backend", "run_passes"]
 
 
 def run_passes(gm: fx.GraphModule) -> Counter:
     """Run every pass on `gm` in order; returns the rewrite counts by name."""
     counts: Counter = Counter()
     counts["fuse_lora"] += fuse_lora(gm)
+    counts["fuse_shared_input"] += fuse_shared_input(gm)
     for kernel, n in choose_kernel(gm).items():
         counts[f"kernel:{kernel}"] += n
     return counts

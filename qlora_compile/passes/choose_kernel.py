@@ -1,6 +1,7 @@
 """Choose the kernel of each 4-bit product from its shape and device.
 
-Matches every `qlora::linear` and `qlora::lora_linear` node whose input has a static number of rows.
+Matches every `qlora::linear`, `qlora::lora_linear` and `qlora::lora_linear_cat` node whose input
+has a static number of rows.
 Produces the same call with its `kernel` argument fixed: on CUDA "gemv" for one row, "fused" below
 1024 rows, "dequant_matmul" above; on CPU "dequant_matmul" (dequantize into a workspace, then BLAS).
 Keeps: nodes with a symbolic row count stay "auto" and choose per call at run time.
@@ -15,7 +16,7 @@ from torch import fx
 
 from ._match import example_value, graph_modules, is_op
 
-_KERNEL_ARG = {"linear": 9, "lora_linear": 14}  # position of `kernel` in each op's schema
+_KERNEL_ARG = {"linear": 9, "lora_linear": 14, "lora_linear_cat": 15}  # position of `kernel` in each op
 
 
 def _rows(x: torch.Tensor) -> int | None:
