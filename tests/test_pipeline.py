@@ -195,6 +195,11 @@ def test_lora_init_as_peft_and_norms_fp32():
     assert model.model.norm.weight.dtype == torch.float32
     assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
     assert layer.compute_dtype == torch.bfloat16 and layer.scaling == 16 / 8
+    model.train()  # bf16 weights, fp32 norms, a bf16 head: one compiled step runs
+    ids = torch.randint(0, 128, (2, 12))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and layer.lora_B.weight.grad is not None
 
 
 def test_target_modules_by_name_and_filter():
