@@ -175,28 +175,19 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
     return rewrites
 
 
-def _cast_input_to_weight(module: nn.Module, args: tuple) -> tuple:
-    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-        return (args[0].to(module.weight.dtype), *args[1:])
-    return args
-
-
 def _freeze_and_upcast_norms(model: nn.Module) -> None:
     """Freeze all but the adapters; norms to fp32, as QLoRA does.
 
-    fp32 norms turn the residual stream fp32; dense 16-bit layers left unquantized (the output
-    head) get a pre-hook casting their input to their weight's dtype, as autocast would.
+    fp32 norms turn the residual stream fp32, so dense layers left unquantized (the output head)
+    go to fp32 too, as PEFT's prepare_model_for_kbit_training does: the logits are then made in
+    fp32 directly, which the loss needs anyway (a 16-bit head would add a 16-bit copy of them).
     """
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
     for module in model.modules():
-        if "norm" in type(module).__name__.lower():
-            module.float()
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
         dense = isinstance(module, _linear_kinds()) and not isinstance(module, QLoRALinear)
-        if dense and isinstance(weight, torch.Tensor) and weight.dtype in (torch.float16, torch.bfloat16):
-            module.register_forward_pre_hook(_cast_input_to_weight)
+        if dense or "norm" in type(module).__name__.lower():
+            module.float()
 
 
 class QLoRAHandle:

@@ -194,8 +194,9 @@ def test_lora_init_as_peft_and_norms_fp32():
     assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.dtype == torch.float32
     assert model.model.norm.weight.dtype == torch.float32
     assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.float32  # dense leftovers follow the fp32 residual stream
     assert layer.compute_dtype == torch.bfloat16 and layer.scaling == 16 / 8
-    model.train()  # bf16 weights, fp32 norms, a bf16 head: one compiled step runs
+    model.train()  # bf16 embeddings, fp32 norms and head: one compiled step runs
     ids = torch.randint(0, 128, (2, 12))
     loss = model(ids, labels=ids).loss
     loss.backward()
