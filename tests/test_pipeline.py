@@ -277,15 +277,25 @@ layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].paramete
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 qlora_compile.compile(model, backend="eager", r=8)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(peak - base, layer)
+new = model.qlora.report().totals()["bytes_after"] + sum(p.numel() * 4 for p in model.qlora.trainable_parameters())
+dense = sum(r.bytes_before for r in model.qlora.report().rewritten)
+print(peak - base, layer, new, dense)
 """
 
 
 def test_compile_peak_memory_is_model_plus_one_layer():
-    """Storage rewrite frees each dense weight as it goes: peak RSS grows by at most one layer."""
+    """Storage rewrite frees each dense weight as it goes: two dense copies never coexist.
+
+    Peak RSS grows by at most one decoder layer (the one being quantized) plus the tensors compile
+    must create (4-bit weights, LoRA adapters), far below a second dense copy of the weights. (The
+    allocator may or may not reuse freed dense memory for the new tensors, so they are allowed for.)
+    """
     out = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, check=True)
-    growth, layer = map(int, out.stdout.split())
-    assert growth <= layer, f"peak grew {growth / 2**20:.0f} MiB, one layer is {layer / 2**20:.0f} MiB"
+    growth, layer, new, dense = map(int, out.stdout.split())
+    assert growth <= layer + new, (
+        f"peak grew {growth / 2**20:.0f} MiB; one layer {layer / 2**20:.0f} MiB, new {new / 2**20:.0f} MiB"
+    )
+    assert growth < dense / 4  # a second dense copy would be 512 MiB
 
 
 def test_many_models_each_compile():

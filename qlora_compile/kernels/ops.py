@@ -215,24 +215,30 @@ def _setup_lora_linear(ctx, inputs, output) -> None:
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
+def lora_grads(xl, lora_A, lora_B, g_lora, need_xl: bool, need_A: bool, need_B: bool):
+    """Gradients (xl, A, B) of `(xl A^T) B^T` from its (already scaled) output gradient.
+
+    `xl A^T` (r columns) is recomputed here rather than saved in forward.
+    """
+    xl2, g2 = xl.reshape(-1, xl.shape[-1]), g_lora.reshape(-1, g_lora.shape[-1])  # (M, K), (M, N)
+    g_xa = g2 @ lora_B  # (M, r)
+    grad_A = g_xa.t() @ xl2 if need_A else None
+    grad_B = g2.t() @ (xl2 @ lora_A.t()) if need_B else None
+    grad_xl = (g_xa @ lora_A).view(xl.shape) if need_xl else None
+    return grad_xl, grad_A, grad_B
+
+
 def _lora_linear_backward(ctx, grad):
     packed, absmax, nested_absmax, offset, xl, lora_A, lora_B = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_x = grad_xl = grad_bias = grad_A = grad_B = None
+    grad_x = grad_bias = None
     g_base = grad.to(ctx.x_dtype)
     if need[0]:
         grad_x = linear_dx(g_base, packed, absmax, nested_absmax, offset, *ctx.quant)
     if ctx.bias_dtype is not None and need[6]:
         grad_bias = g_base.reshape(-1, g_base.shape[-1]).sum(0).to(ctx.bias_dtype)
-    g_lora = (grad.to(lora_B.dtype) * ctx.scaling).reshape(-1, lora_B.shape[0])  # (M, N)
-    xl2 = xl.reshape(-1, xl.shape[-1])  # (M, K)
-    g_xa = g_lora @ lora_B  # (M, r)
-    if need[8]:
-        grad_B = g_lora.t() @ (xl2 @ lora_A.t())
-    if need[7]:
-        grad_A = g_xa.t() @ xl2
-    if need[1]:
-        grad_xl = (g_xa @ lora_A).view(xl.shape)
+    g_lora = grad.to(lora_B.dtype) * ctx.scaling
+    grad_xl, grad_A, grad_B = lora_grads(xl, lora_A, lora_B, g_lora, need[1], need[7], need[8])
     return (
         grad_x,
         grad_xl,

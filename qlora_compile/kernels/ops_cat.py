@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch, native
-from .ops import linear, linear_dx
+from .ops import linear, linear_dx, lora_grads
 
 
 def _stats(nested_absmax: list[Tensor], offset: list[Tensor], n: int) -> tuple[list, list]:
@@ -183,13 +183,11 @@ def _lora_grads_shared(xl, lora_A, lora_B, g_lora, out_features, need):
 
 def _lora_grads_each(xl, lora_A, lora_B, g_lora, out_features, need):
     """One LoRA input per member."""
-    grad_xl, grad_A, grad_B = [], [], []
-    for t, a, b, g in zip(xl, lora_A, lora_B, g_lora.split(out_features, dim=-1), strict=True):
-        t2, g2 = t.reshape(-1, t.shape[-1]), g.reshape(-1, g.shape[-1])
-        g_xa = g2 @ b
-        grad_A.append(g_xa.t() @ t2 if need[7] else None)
-        grad_B.append(g2.t() @ (t2 @ a.t()) if need[8] else None)
-        grad_xl.append((g_xa @ a).view(t.shape) if need[1] else None)
+    per_member = [
+        lora_grads(t, a, b, g, need[1], need[7], need[8])
+        for t, a, b, g in zip(xl, lora_A, lora_B, g_lora.split(out_features, dim=-1), strict=True)
+    ]
+    grad_xl, grad_A, grad_B = (list(col) for col in zip(*per_member, strict=True))
     return grad_xl, grad_A, grad_B
 
 
