@@ -305,3 +305,16 @@ def test_many_models_each_compile():
         qlora_compile.compile(model, **FAST, gradient_checkpointing=False)
         model(torch.randn(2, 32))
         assert model.qlora.report().graphs == 1 and model.qlora.report().passes["fuse_lora"] == 1
+
+
+def test_dynamic_shapes_keep_kernel_auto_and_train():
+    """New sequence lengths make Dynamo recompile with symbolic sizes: products stay 'auto'."""
+    model = causal_lm("llama")
+    qlora_compile.compile(model, **FAST, lora_dropout=0.1)
+    model.train()
+    for seq in (12, 20, 28):
+        ids = torch.randint(0, 128, (2, seq))
+        model(ids, labels=ids).loss.backward()
+    passes = model.qlora.report().passes
+    assert passes.get("kernel:auto", 0) > 0 and passes.get("kernel:dequant_matmul", 0) > 0
+    assert model.qlora.report().graphs >= 2

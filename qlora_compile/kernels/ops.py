@@ -126,6 +126,7 @@ def _setup_linear(ctx, inputs, output) -> None:
     ctx.save_for_backward(packed, absmax, nested_absmax, offset)  # 4-bit tensors only, never W
     ctx.quant = (quant_type, blocksize, shape)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.n_inputs = len(inputs)  # `kernel` may have been left to its default
 
 
 def _linear_backward(ctx, grad):
@@ -135,7 +136,7 @@ def _linear_backward(ctx, grad):
         grad_x = linear_dx(grad, packed, absmax, nested_absmax, offset, *ctx.quant)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, grad_bias, None, None, None, None
+    return (grad_x, None, None, None, None, grad_bias, None, None, None, None)[: ctx.n_inputs]
 
 
 linear.register_autograd(_linear_backward, setup_context=_setup_linear)
@@ -171,23 +172,8 @@ def lora_linear(
 
 
 @lora_linear.register_fake
-def _(
-    x,
-    xl,
-    packed,
-    absmax,
-    nested_absmax,
-    offset,
-    bias,
-    lora_A,
-    lora_B,
-    scaling,
-    quant_type,
-    blocksize,
-    shape,
-    out_dtype,
-    kernel="auto",
-):
+def _(x, xl, packed, absmax, nested_absmax, offset, bias, lora_A, lora_B, scaling, quant_type, blocksize, shape,
+      out_dtype, kernel="auto"):  # fmt: skip
     return x.new_empty((*x.shape[:-1], shape[0]), dtype=out_dtype)
 
 
@@ -206,13 +192,13 @@ def _setup_lora_linear(ctx, inputs, output) -> None:
         quant_type,
         blocksize,
         shape,
-        *_,
-    ) = inputs
+    ) = inputs[:13]
     # the 4-bit weight, the LoRA input and the adapters; x A^T is recomputed (r columns) in backward
     ctx.save_for_backward(packed, absmax, nested_absmax, offset, xl, lora_A, lora_B)
     ctx.quant = (quant_type, blocksize, shape)
     ctx.scaling, ctx.x_dtype = scaling, x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.n_inputs = len(inputs)  # `kernel` may have been left to its default
 
 
 def lora_grads(xl, lora_A, lora_B, g_lora, need_xl: bool, need_A: bool, need_B: bool):
@@ -239,23 +225,8 @@ def _lora_linear_backward(ctx, grad):
         grad_bias = g_base.reshape(-1, g_base.shape[-1]).sum(0).to(ctx.bias_dtype)
     g_lora = grad.to(lora_B.dtype) * ctx.scaling
     grad_xl, grad_A, grad_B = lora_grads(xl, lora_A, lora_B, g_lora, need[1], need[7], need[8])
-    return (
-        grad_x,
-        grad_xl,
-        None,
-        None,
-        None,
-        None,
-        grad_bias,
-        grad_A,
-        grad_B,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    # one gradient per input given: x, xl, 4 weight tensors, bias, A, B, then non-tensor arguments
+    return (grad_x, grad_xl, None, None, None, None, grad_bias, grad_A, grad_B, *[None] * 6)[: ctx.n_inputs]
 
 
 lora_linear.register_autograd(_lora_linear_backward, setup_context=_setup_lora_linear)

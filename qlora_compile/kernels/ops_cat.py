@@ -59,7 +59,7 @@ def lora_linear_cat(
     out_features: list[int],
     in_features: int,
     out_dtype: torch.dtype,
-    kernel: str = "auto",
+    kernel: str,
 ) -> Tensor:
     """cat_i[(x W_i^T).to(out_dtype) + ((xl A_i^T) B_i^T * scaling).to(out_dtype)] (+ bias, the
     members' biases concatenated, zeros where one had none).
@@ -93,7 +93,7 @@ def lora_linear_cat(
 
 @lora_linear_cat.register_fake
 def _(x, xl, packed, absmax, nested_absmax, offset, bias, lora_A, lora_B, scaling, quant_type, blocksize,
-      out_features, in_features, out_dtype, kernel="auto"):  # fmt: skip
+      out_features, in_features, out_dtype, kernel):  # fmt: skip
     return x.new_empty((*x.shape[:-1], sum(out_features)), dtype=out_dtype)
 
 
@@ -141,24 +141,9 @@ def _backward(ctx, grad):
         grad_xl, grad_A, grad_B = _lora_grads_each(xl, lora_A, lora_B, g_lora, out_features, need)
     none = [None] * ctx.n
     stats = none if ctx.has_nested else []
-    return (
-        grad_x,
-        grad_xl,
-        none,
-        none,
-        stats,
-        stats,
-        grad_bias,
-        grad_A,
-        grad_B,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    # one gradient per input, lists for list inputs, then the 7 non-tensor arguments. (`kernel` has
+    # no default here: with list inputs autograd checks this against the arguments as passed.)
+    return (grad_x, grad_xl, none, none, stats, stats, grad_bias, grad_A, grad_B, *[None] * 7)
 
 
 def _lora_grads_shared(xl, lora_A, lora_B, g_lora, out_features, need):

@@ -84,7 +84,7 @@ def _fuse(graph: fx.Graph, members: list[fx.Node]) -> None:
         fused = graph.call_function(
             torch.ops.qlora.lora_linear_cat.default,
             (x, lora_inputs, [a[2] for a in args], [a[3] for a in args], *stats, bias_cat, [a[7] for a in args],
-             [a[8] for a in args], scaling, quant_type, blocksize, widths, shape[1], out_dtype),
+             [a[8] for a in args], scaling, quant_type, blocksize, widths, shape[1], out_dtype, "auto"),
         )  # fmt: skip
         start = 0
         for member, width in zip(members, widths, strict=True):

@@ -158,3 +158,49 @@ def test_compile_aot_eager_bias_grad():
     model.up.bias.grad = None
     model(x).sum().backward()
     torch.testing.assert_close(grad_compiled, model.up.bias.grad)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shared_lora_input", [True, False])
+def test_lora_linear_cat_equals_members(double_quant, shared_lora_input):
+    """The fused q/k/v op equals its members' lora_linear outputs side by side, gradients too."""
+    k, widths, r = 64, [32, 16, 16], 4
+    qws = [quantize_weight(torch.randn(n, k), double_quant=double_quant) for n in widths]
+    x = torch.randn(2, 3, k, requires_grad=True)
+    xls = [torch.randn(2, 3, k, requires_grad=True) for _ in (widths[:1] if shared_lora_input else widths)]
+    lora_A = [torch.randn(r, k, requires_grad=True) for _ in widths]
+    lora_B = [torch.randn(n, r, requires_grad=True) for n in widths]
+    bias = torch.randn(sum(widths), requires_grad=True)
+    stats = ([q.nested_absmax for q in qws], [q.offset for q in qws]) if double_quant else ([], [])
+    args = (x, xls, [q.packed for q in qws], [q.absmax for q in qws], *stats, bias, lora_A, lora_B, 0.5,
+            "nf4", 64, widths, k, torch.float32, "auto")  # fmt: skip
+    y = torch.ops.qlora.lora_linear_cat(*args)
+    members = []
+    for i, (q, n) in enumerate(zip(qws, widths, strict=True)):
+        b = bias[sum(widths[:i]) : sum(widths[: i + 1])]
+        xl = xls[0] if shared_lora_input else xls[i]
+        members.append(
+            torch.ops.qlora.lora_linear(
+                x, xl, *q.op_args(), b, lora_A[i], lora_B[i], 0.5, "nf4", 64, [n, k], torch.float32
+            )
+        )
+    reference = torch.cat(members, -1)
+    torch.testing.assert_close(y, reference)
+    g = torch.randn_like(y)
+    leaves = [x, *xls, *lora_A, *lora_B, bias]
+    for a, b in zip(
+        torch.autograd.grad(y, leaves, g), torch.autograd.grad(reference, leaves, g), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+    torch.library.opcheck(torch.ops.qlora.lora_linear_cat.default, args)
+
+
+def test_lora_linear_opcheck_and_values():
+    qw = quantize_weight(torch.randn(32, 64))
+    x, xl = torch.randn(2, 3, 64, requires_grad=True), torch.randn(2, 3, 64, requires_grad=True)
+    lora_A, lora_B = torch.randn(4, 64, requires_grad=True), torch.randn(32, 4, requires_grad=True)
+    bias = torch.randn(32, requires_grad=True)
+    args = (x, xl, *qw.op_args(), bias, lora_A, lora_B, 0.25, "nf4", 64, [32, 64], torch.float32)
+    torch.library.opcheck(torch.ops.qlora.lora_linear.default, args)
+    expected = F.linear(x, qw.dequantize(), bias) + F.linear(F.linear(xl, lora_A), lora_B) * 0.25
+    torch.testing.assert_close(torch.ops.qlora.lora_linear(*args), expected)
