@@ -73,10 +73,7 @@ class QLoRALinear(QuantizedLinear):
         return cls(qw, bias, **lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = torch.ops.qlora.linear(
-            x.to(self.compute_dtype), self.weight_packed, self.weight_absmax, self.weight_nested_absmax,
-            self.weight_offset, self.bias, self.quant_type, self.blocksize, [self.out_features, self.in_features],
-        )  # fmt: skip
+        base = super().forward(x.to(self.compute_dtype))
         lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
         return base.to(x.dtype) + lora.to(x.dtype)
 

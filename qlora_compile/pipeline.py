@@ -184,8 +184,9 @@ def _freeze_and_upcast_norms(model: nn.Module) -> None:
     """
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
+    kinds = _linear_kinds()
     for module in model.modules():
-        dense = isinstance(module, _linear_kinds()) and not isinstance(module, QLoRALinear)
+        dense = isinstance(module, kinds) and not isinstance(module, QLoRALinear)
         if dense or "norm" in type(module).__name__.lower():
             module.float()
 

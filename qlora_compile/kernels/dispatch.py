@@ -27,23 +27,19 @@ def dequantize_4bit(
     blocksize: int,
     n: int,
     dtype: torch.dtype,
-    scratch: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Flat (n,) dequantized weight of `dtype`.
-
-    With `scratch=True` on CPU the result lives in a per-thread workspace that the next call
-    overwrites: for callers that use the weight and drop it before returning.
-    """
+    """Flat (n,) dequantized weight of `dtype`, written into `out` (contiguous, n elements) if given."""
     if packed.device.type == "cuda":
         from . import triton_dequant
 
-        return triton_dequant.dequantize(
+        flat = triton_dequant.dequantize(
             packed, absmax, nested_absmax, offset, quant_type, blocksize, n, dtype
         )
+        return flat if out is None else out.copy_(flat)
     if packed.device.type == "cpu" and native.available():
-        out = native.workspace(n, dtype) if scratch else None
         return native.dequantize_4bit(
             packed, absmax, nested_absmax, offset, quant_type, blocksize, n, dtype, out
         )
     absmax32 = cpu.decode_absmax(absmax, nested_absmax, offset)
-    return cpu.dequantize_4bit(packed, absmax32, quant_type, blocksize, n, dtype)
+    return cpu.dequantize_4bit(packed, absmax32, quant_type, blocksize, n, dtype, out)

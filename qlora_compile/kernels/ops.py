@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, native
 
 _DEQUANT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -26,9 +26,12 @@ _DEQUANT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _dense(
     packed, absmax, nested_absmax, offset, quant_type, blocksize, shape, dtype, scratch=False
 ) -> Tensor:
+    """The dense weight. `scratch=True` (CPU): in the per-thread workspace that the next call
+    overwrites, for callers that use the weight and drop it before returning."""
     n = int(torch.Size(shape).numel())
+    out = native.workspace(n, dtype) if scratch and packed.device.type == "cpu" else None
     flat = dispatch.dequantize_4bit(
-        packed, absmax, nested_absmax, offset, quant_type, blocksize, n, dtype, scratch=scratch
+        packed, absmax, nested_absmax, offset, quant_type, blocksize, n, dtype, out
     )
     return flat.view(shape)
 

@@ -30,14 +30,12 @@ def _block_diag_b(lora_B: list[Tensor]) -> Tensor:
 def _dense_cat(packed, absmax, nested, offset, quant_type, blocksize, out_features, k, dtype) -> Tensor:
     """(sum N, K) dequantized weights, in a per-thread scratch buffer on CPU."""
     total = sum(out_features) * k
-    device = packed[0].device
-    out = native.workspace(total, dtype) if device.type == "cpu" and native.available() else None
-    if out is None:
-        out = torch.empty(total, dtype=dtype, device=device)
+    out = native.workspace(total, dtype)  # each weight is dequantized straight into its rows
     start = 0
     for p, a, nb, off, n in zip(packed, absmax, nested, offset, out_features, strict=True):
-        piece = dispatch.dequantize_4bit(p, a, nb, off, quant_type, blocksize, n * k, dtype)
-        out[start : start + n * k].copy_(piece)
+        dispatch.dequantize_4bit(
+            p, a, nb, off, quant_type, blocksize, n * k, dtype, out[start : start + n * k]
+        )
         start += n * k
     return out.view(sum(out_features), k)
 
