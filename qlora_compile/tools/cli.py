@@ -2,6 +2,8 @@
 
     qlora-compile demo [--out DIR] [--tokens N]   the main job on SmolLM2-135M (offline)
     qlora-compile info                             versions and which kernels this machine uses
+    qlora-compile inspect MODEL_DIR [--json] [--html OUT.html]   what compile does, without weights
+    qlora-compile plan MODEL_DIR|CONFIG_JSON --gpu-memory 48GB   predicted training memory
 
 Exit codes: 0 success, 2 bad input (one-line message on stderr), 1 anything else.
 """
@@ -42,6 +44,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from ..inspect import inspect_model
+    from .inspect_view import print_rich, render_html
+
+    layers = None if args.layers == "all" else _positive_int(args.layers, "--layers")
+    result = inspect_model(args.model, layers=layers, seq_len=args.seq_len, dtype=args.dtype)
+    if args.html:
+        Path(args.html).write_text(render_html(result), encoding="utf-8")
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        console = Console()
+        print_rich(result, console if console.is_terminal else Console(width=130))
+        if args.html:
+            print(f"wrote {args.html}")
+    return 0
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{flag} must be a positive integer or 'all', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-compile", description="QLoRA as a compiler pipeline.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -53,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     info = sub.add_parser("info", help="versions, and which kernels this machine uses")
     info.set_defaults(run=_info)
+    insp = sub.add_parser(
+        "inspect", help="what compile does to a model (rewrites, graphs, passes), without weights"
+    )
+    insp.add_argument("model", type=Path, help="a model folder with config.json, or a config.json")
+    insp.add_argument("--json", action="store_true", help="print the result as JSON (schema_version 1)")
+    insp.add_argument("--html", type=Path, help="write a self-contained HTML page drawing the graphs")
+    insp.add_argument(
+        "--layers", default="2", help="decoder layers in the traced copy, or 'all' (default: 2)"
+    )
+    insp.add_argument("--seq-len", type=int, default=16, help="tokens in the traced input (default: 16)")
+    insp.add_argument(
+        "--dtype",
+        default="auto",
+        help="dense weights' dtype: auto (the config's), float32, float16, bfloat16",
+    )
+    insp.set_defaults(run=_inspect)
     return parser
 
 
