@@ -28,7 +28,8 @@ JSON schema (`schema_version` 1; `inspect_model(...)` returns it as a dict):
     graphs: [{index, node_count, our_ops: {op: count}, passes: {pass: count},
               modules: [{name: "" (the captured graph) or a sub-graph name,
                          nodes: [{id, name, op, target, pass, kernel, shape, inputs: [id]}]}]}]
-    graph_breaks: [{reason, detail, where}]
+    graph_breaks: [{reason (first line), detail (Dynamo's full text), where (file:line in function),
+                    code (that source line)}]
     totals: {modules_quantized, modules_skipped, params_quantized, bytes_before, bytes_after,
              bits_per_param, graphs, graph_breaks, nodes, passes: {pass: count}}
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import json
+import linecache
 import math
 import warnings
 from collections import Counter
@@ -308,8 +310,13 @@ def describe_graph(index: int, gm: fx.GraphModule, counts: Counter, made: dict) 
 def _break(reason) -> dict:
     text = str(getattr(reason, "reason", reason))
     stack = getattr(reason, "user_stack", None) or []
-    where = f"{stack[-1].filename}:{stack[-1].lineno} in {stack[-1].name}" if stack else None
-    return {"reason": text.strip().splitlines()[0] if text.strip() else text, "detail": text, "where": where}
+    where = code = None
+    if stack:
+        frame = stack[-1]
+        where = f"{frame.filename}:{frame.lineno} in {frame.name}"
+        code = linecache.getline(frame.filename, frame.lineno).strip() or None
+    first = text.strip().splitlines()[0] if text.strip() else text
+    return {"reason": first, "detail": text, "where": where, "code": code}
 
 
 def example_call(model: nn.Module, batch_size: int, seq_len: int) -> tuple[tuple, dict]:

@@ -104,7 +104,7 @@ def print_rich(result: dict, console: Console | None = None) -> None:
         breaks.add_column("reason")
         breaks.add_column("where")
         for b in result["graph_breaks"]:
-            breaks.add_row(b["reason"], b["where"] or "-")
+            breaks.add_row(b["reason"], (b["where"] or "-") + (f"\n{b['code']}" if b.get("code") else ""))
         console.print(breaks)
     else:
         console.print("Graph breaks: none")
@@ -183,7 +183,7 @@ _SCRIPT = r"""
 
   root.appendChild(el('h2', {}, 'Graph breaks'));
   const breaks = el('ul', {id: 'breaks'});
-  for (const b of data.graph_breaks) breaks.appendChild(el('li', {class: 'break'}, b.reason + (b.where ? ' at ' + b.where : '')));
+  for (const b of data.graph_breaks) breaks.appendChild(el('li', {class: 'break'}, b.reason + (b.where ? ' at ' + b.where : '') + (b.code ? ': ' + b.code : '')));
   if (!data.graph_breaks.length) breaks.appendChild(el('li', {}, 'none'));
   root.appendChild(breaks);
 
