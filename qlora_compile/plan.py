@@ -178,10 +178,18 @@ class Plan:
 
 
 def activation_bytes(
-    model: nn.Module, hf_config, *, batch_size: int, seq_len: int, r: int, lora_dropout: float
+    model: nn.Module,
+    hf_config,
+    *,
+    batch_size: int,
+    seq_len: int,
+    r: int,
+    lora_dropout: float,
+    mask_bytes: int = 1,
 ) -> dict:
     """The activation model of the module docstring: {"per_layer", "head", "with_checkpointing",
-    "without_checkpointing"} in bytes, for a compiled-shaped (meta) model."""
+    "without_checkpointing"} in bytes, for a compiled-shaped (meta) model. `mask_bytes`: bytes per
+    dropout mask element (1: CUDA's bool mask; the CPU's dropout keeps a 4-byte float noise tensor)."""
     e = 4
     t = batch_size * seq_len
     layers = _decoder_layers(model)
@@ -199,7 +207,7 @@ def activation_bytes(
     eager = getattr(hf_config, "_attn_implementation", None) == "eager"
     k = sum(m.in_features for m in lora)
     per_token = (
-        e * k + (k if lora_dropout > 0 else 0) + e * r * len(lora)
+        e * k + (mask_bytes * k if lora_dropout > 0 else 0) + e * r * len(lora)
         + e * h * norms
         + e * (2 * heads * head_dim + 2 * kv_heads * head_dim) + 4 * heads
         + (2 * e * heads * seq_len if eager else 0)
@@ -207,7 +215,7 @@ def activation_bytes(
     )  # fmt: skip
     per_layer = t * per_token
     vocab = getattr(hf_config, "vocab_size", 0) if _is_lm(model) else 0
-    head = t * (e * h + 8 * vocab)
+    head = t * (e * h + 8 * vocab)  # final norm input; fp32 logits (the output) and log-softmax
     return {
         "per_layer": per_layer,
         "layers": n_layers,
