@@ -58,7 +58,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1))
     else:
         console = Console()
-        print_rich(result, console if console.is_terminal else Console(width=130))
+        print_rich(result, console if console.is_terminal else Console(width=120))
         if args.html:
             print(f"wrote {args.html}")
     return 0
@@ -76,7 +76,7 @@ def _plan(args: argparse.Namespace) -> int:
         paged=not args.no_paged, dtype=args.dtype,
     )  # fmt: skip
     console = Console()
-    console = console if console.is_terminal else Console(width=130)
+    console = console if console.is_terminal else Console(width=120)
     s = plan.settings
     table = Table(
         title=f"{plan.model}: batch {s['batch_size']} x {s['seq_len']} tokens, r={s['r']}, {s['optim_bits']}-bit "

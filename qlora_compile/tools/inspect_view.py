@@ -226,7 +226,7 @@ _SCRIPT = r"""
         node.appendChild(el('svg:title', {}, `${n.name}: ${n.op} ${n.target}` + (n.shape ? ' -> [' + n.shape.join(', ') + ']' : '') +
                                               (n.pass ? ' (made by ' + n.pass + ')' : '')));
         node.appendChild(el('svg:rect', {width: W, height: H, rx: 4}));
-        node.appendChild(el('svg:text', {x: 6, y: 15}, label.length > 28 ? label.slice(0, 27) + '\u2026' : label));
+        node.appendChild(el('svg:text', {x: 6, y: 15}, label.length <= 28 ? label : isSource(n) ? '\u2026' + label.slice(-27) : label.slice(0, 27) + '\u2026'));
         svg.appendChild(node);
       }
       const box = el('div', {class: 'graph-box'});
