@@ -22,7 +22,8 @@ JSON schema (`schema_version` 1; `inspect_model(...)` returns it as a dict):
     model: {path, model_type, architecture, dtype, num_hidden_layers, parameters}
     config: {quant_type, blocksize, double_quant, r, lora_alpha, lora_dropout,
              gradient_checkpointing, compute_dtype}
-    traced: {device: "meta", layers, of_layers, batch_size, seq_len, mode: "train", call}
+    traced: {device: "meta", layers, of_layers, batch_size, seq_len, mode: "train", call,
+             error: null, or why tracing failed (then graphs is empty; the rewrites stand)}
     rewrites: [{name, kind, shape: [out, in], status: "quantized" | "skipped",
                 reason: str | null, bytes_before, bytes_after, bits_per_param}]
     graphs: [{index, node_count, our_ops: {op: count}, passes: {pass: count},
@@ -401,7 +402,15 @@ def inspect_model(
     prepare_meta(traced_model, config)
     traced_model.train()
     args, kwargs = example_call(traced_model, batch_size, seq_len)
-    graphs, breaks = trace(traced_model, args, kwargs)
+    try:
+        graphs, breaks, error = *trace(traced_model, args, kwargs), None
+    except Exception as e:  # the rewrite table stands on its own; say why there are no graphs
+        torch._dynamo.reset()
+        graphs, breaks, error = (
+            [],
+            [],
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+        )
     rows = rewrite_rows(rewrites)
     quantized = [r for r in rows if r["status"] == "quantized"]
     params_q = sum(r["shape"][0] * r["shape"][1] for r in quantized)
@@ -426,6 +435,7 @@ def inspect_model(
             "device": "meta", "layers": num_layers(small_config), "of_layers": total_layers,
             "batch_size": batch_size, "seq_len": seq_len, "mode": "train",
             "call": "model(input_ids" + ", labels=input_ids" * ("labels" in kwargs) + ")",
+            "error": error,
         },
         "rewrites": rows,
         "graphs": graphs,

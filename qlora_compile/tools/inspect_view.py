@@ -91,6 +91,8 @@ def print_rich(result: dict, console: Console | None = None) -> None:
             human_bytes(row["bytes_before"] * count), human_bytes(row["bytes_after"] * count), bits,
         )  # fmt: skip
     console.print(table)
+    if result["traced"].get("error"):
+        console.print(f"[red]Tracing failed[/red]: {result['traced']['error']}")
     graphs = Table(title="Captured graphs")
     for col in ("graph", "nodes", "sub-graphs", "our ops", "passes"):
         graphs.add_column(col)
@@ -166,6 +168,7 @@ _SCRIPT = r"""
     `${bytes(t.bytes_before)} -> ${bytes(t.bytes_after)} (${t.bits_per_param} bits/param); ${t.graphs} graph(s), ` +
     `${t.nodes} nodes, ${t.graph_breaks} graph break(s); ` + Object.entries(t.passes).map(([k, v]) => k + ': ' + v).join(', ')));
   root.appendChild(el('p', {id: 'traced'}, data.note));
+  if (data.traced.error) root.appendChild(el('p', {id: 'trace-error'}, 'Tracing failed: ' + data.traced.error));
 
   root.appendChild(el('h2', {}, 'Storage rewrite'));
   const table = el('table', {id: 'rewrites'});

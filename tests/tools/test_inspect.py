@@ -165,7 +165,7 @@ def test_llama_2_70b_config_inspects_without_weights(tmp_path):
     )
     assert totals["bits_per_param"] == pytest.approx(4.127, abs=1e-3)
     assert result["traced"] == {"device": "meta", "layers": 2, "of_layers": 80, "batch_size": 1, "seq_len": 16,
-                                "mode": "train", "call": "model(input_ids, labels=input_ids)"}  # fmt: skip
+                                "mode": "train", "call": "model(input_ids, labels=input_ids)", "error": None}  # fmt: skip
     assert totals["graph_breaks"] == 0 and totals["passes"]["fuse_lora"] == 2 * 7
 
 
@@ -263,3 +263,16 @@ def test_html_page_renders_in_headless_chromium(tmp_path, llama_dir):
     ours = result["graphs"][0]["our_ops"]
     assert sum("pass-fuse_lora" in c for c in drawn) == ours["qlora::lora_linear"] == 4
     assert sum("pass-fuse_shared_input" in c for c in drawn) >= ours["qlora::lora_linear_cat"] == 4
+
+
+def test_trace_failure_keeps_the_rewrite_table(llama_dir, monkeypatch):
+    import qlora_compile.inspect as qinspect
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("cannot trace this model\nmore detail")
+
+    monkeypatch.setattr(qinspect, "trace", fail)
+    result = inspect_model(llama_dir)
+    assert result["traced"]["error"] == "RuntimeError: cannot trace this model"
+    assert result["graphs"] == [] and result["totals"]["modules_quantized"] == 14
+    assert "Tracing failed: RuntimeError" in render_html(result) or "trace-error" in render_html(result)
