@@ -225,6 +225,20 @@ def activation_bytes(
     }
 
 
+def _embedding_note(model: nn.Module) -> str:
+    dtypes = sorted(
+        {str(m.weight.dtype).removeprefix("torch.") for m in model.modules() if isinstance(m, nn.Embedding)}
+    )
+    head = _inspect.pipeline._output_head(model)
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = (
+        head is not None
+        and inputs is not None
+        and getattr(head, "weight", None) is getattr(inputs, "weight", 0)
+    )
+    return "in " + ", ".join(dtypes) + ("; tied to the output head, so fp32 after compile" if tied else "")
+
+
 def _is_lm(model: nn.Module) -> bool:
     return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
@@ -278,7 +292,7 @@ def plan_memory(
             f"{sum(x.skipped is None for x in rewrites)} layers, packed NF4",
         ),
         Term("4-bit statistics", persistent["4-bit statistics"], "absmax codes, nested absmax, offsets"),
-        Term("embeddings", persistent["embeddings"], f"in {weights_dtype}".replace("torch.", "")),
+        Term("embeddings", persistent["embeddings"], _embedding_note(model)),
         Term(
             "dense leftovers (output head)", persistent["dense leftovers (output head)"], "fp32 after compile"
         ),

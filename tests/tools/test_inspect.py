@@ -215,7 +215,7 @@ def _dump_dom(html: Path) -> str:
         pytest.skip("chromium not installed (apt-get install -y chromium); CI runs this test")
     with tempfile.TemporaryDirectory() as profile:
         cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
                f"--user-data-dir={profile}", "--dump-dom", html.resolve().as_uri()]  # fmt: skip
         return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
 
@@ -275,4 +275,4 @@ def test_trace_failure_keeps_the_rewrite_table(llama_dir, monkeypatch):
     result = inspect_model(llama_dir)
     assert result["traced"]["error"] == "RuntimeError: cannot trace this model"
     assert result["graphs"] == [] and result["totals"]["modules_quantized"] == 14
-    assert "Tracing failed: RuntimeError" in render_html(result) or "trace-error" in render_html(result)
+    assert "RuntimeError: cannot trace this model" in render_html(result)
