@@ -2,6 +2,8 @@
 
     qlora-compile demo [--out DIR] [--tokens N]   the main job on SmolLM2-135M (offline)
     qlora-compile info                             versions and which kernels this machine uses
+    qlora-compile inspect MODEL_DIR [--json] [--html OUT.html]   what compile does, without weights
+    qlora-compile plan MODEL_DIR|CONFIG_JSON --gpu-memory 48GB   predicted training memory
 
 Exit codes: 0 success, 2 bad input (one-line message on stderr), 1 anything else.
 """
@@ -42,6 +44,87 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from ..inspect import inspect_model
+    from .inspect_view import print_rich, render_html
+
+    layers = None if args.layers == "all" else _positive_int(args.layers, "--layers")
+    result = inspect_model(args.model, layers=layers, seq_len=args.seq_len, dtype=args.dtype)
+    if args.html:
+        Path(args.html).write_text(render_html(result), encoding="utf-8")
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        console = Console()
+        print_rich(result, console if console.is_terminal else Console(width=120))
+        if args.html:
+            print(f"wrote {args.html}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from ..plan import parse_memory, plan_memory
+
+    plan = plan_memory(
+        args.model, gpu_memory=parse_memory(args.gpu_memory), seq_len=args.seq_len, batch_size=args.batch_size,
+        r=args.r, optim_bits=args.optim_bits, gradient_checkpointing=args.gradient_checkpointing,
+        optim_budget=None if args.optim_budget is None else parse_memory(args.optim_budget),
+        paged=not args.no_paged, dtype=args.dtype,
+    )  # fmt: skip
+    console = Console()
+    console = console if console.is_terminal else Console(width=120)
+    s = plan.settings
+    table = Table(
+        title=f"{plan.model}: batch {s['batch_size']} x {s['seq_len']} tokens, r={s['r']}, {s['optim_bits']}-bit "
+        f"optimizer{' (paged)' if s['paged'] else ''}, {s['dtype']} weights before compile"
+    )
+    table.add_column("term")
+    table.add_column("GiB", justify="right")
+    table.add_column("GB", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("note")
+    for t in plan.terms:
+        table.add_row(
+            t.name, f"{t.bytes / 2**30:.2f}", f"{t.bytes / 1e9:.2f}", f"{t.bytes / plan.total:.1%}", t.note
+        )
+    table.add_row(
+        "total on the device",
+        f"{plan.total / 2**30:.2f}",
+        f"{plan.total / 1e9:.2f}",
+        "100%",
+        "",
+        style="bold",
+    )
+    console.print(table)
+    console.print(
+        f"persistent (parameters + buffers, exact): {plan.persistent_bytes / 2**30:.2f} GiB; "
+        f"host (paged optimizer states): {plan.host_bytes / 2**30:.2f} GiB; {'; '.join(plan.notes)}"
+    )
+    verdict = "fits" if plan.fits else "does NOT fit"
+    largest = plan.largest
+    console.print(
+        f"[bold]Verdict: {verdict}[/bold] in {plan.gpu_memory / 2**30:.2f} GiB ({plan.gpu_memory / 1e9:.2f} GB): "
+        f"{plan.total / 2**30:.2f} GiB predicted, {abs(plan.gpu_memory - plan.total) / 2**30:.2f} GiB "
+        f"{'to spare' if plan.fits else 'over'}; largest term: {largest.name} ({largest.bytes / 2**30:.2f} GiB, "
+        f"{largest.bytes / plan.total:.0%})"
+    )
+    return 0
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{flag} must be a positive integer or 'all', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-compile", description="QLoRA as a compiler pipeline.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -53,6 +136,46 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     info = sub.add_parser("info", help="versions, and which kernels this machine uses")
     info.set_defaults(run=_info)
+    insp = sub.add_parser(
+        "inspect", help="what compile does to a model (rewrites, graphs, passes), without weights"
+    )
+    insp.add_argument("model", type=Path, help="a model folder with config.json, or a config.json")
+    insp.add_argument("--json", action="store_true", help="print the result as JSON (schema_version 1)")
+    insp.add_argument("--html", type=Path, help="write a self-contained HTML page drawing the graphs")
+    insp.add_argument(
+        "--layers", default="2", help="decoder layers in the traced copy, or 'all' (default: 2)"
+    )
+    insp.add_argument("--seq-len", type=int, default=16, help="tokens in the traced input (default: 16)")
+    insp.add_argument(
+        "--dtype",
+        default="auto",
+        help="dense weights' dtype: auto (the config's), float32, float16, bfloat16",
+    )
+    insp.set_defaults(run=_inspect)
+    plan = sub.add_parser("plan", help="predicted GPU memory of QLoRA training, from the config alone")
+    plan.add_argument("model", type=Path, help="a model folder with config.json, or a config.json")
+    plan.add_argument(
+        "--gpu-memory", required=True, help="the device's memory, e.g. 48GB (10^9) or 48GiB (2^30)"
+    )
+    plan.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
+    plan.add_argument("--batch-size", type=int, default=1, help="sequences per step (default: 1)")
+    plan.add_argument("--r", type=int, default=64, help="LoRA rank (default: 64)")
+    plan.add_argument(
+        "--optim-bits", type=int, default=32, choices=(32, 8), help="optimizer state bits (default: 32)"
+    )
+    plan.add_argument(
+        "--gradient-checkpointing", action="store_true", help="plan with gradient checkpointing"
+    )
+    plan.add_argument(
+        "--optim-budget", help="device memory for paged optimizer states (default: 10%% of the paged states)"
+    )
+    plan.add_argument("--no-paged", action="store_true", help="keep all optimizer states on the device")
+    plan.add_argument(
+        "--dtype",
+        default="bfloat16",
+        help="dense weights' dtype before compile: bfloat16 (default), float16, float32, auto",
+    )
+    plan.set_defaults(run=_plan)
     return parser
 
 

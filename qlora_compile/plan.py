@@ -1,0 +1,331 @@
+"""`qlora-compile plan`: predicted GPU memory of QLoRA training, from a model's config alone.
+
+Persistent bytes (parameters and buffers) are exact: the model is built on the meta device and
+changed as `compile` changes it (see `qlora_compile.inspect`: the same storage rewrite with 4-bit
+tensors of the sizes quantization makes, the pipeline's own fp32 upcast of norms and dense
+leftovers), then its tensors are counted. The rest is a model:
+
+- LoRA gradients: one fp32 gradient per LoRA parameter.
+- Optimizer states: `optimizer_state_bytes` (the paged optimizer's rule): 32-bit: 8 bytes per
+  element (m and v in fp32); 8-bit: 2 bytes per element + 2 * 4 * ceil(n / 256) bytes of absmax
+  per tensor, except that tensors under 4096 elements keep 32-bit states. With paging, tensors of
+  at least 1e5 elements are paged: the device holds at most `device_budget` bytes of them (default:
+  10% of the paged states), the rest lives in host memory.
+- Activations (bytes a training step keeps for backward), per token t of batch * seq_len, with
+  e = 4 (compile makes norms, adapters and so the residual stream fp32), for one decoder layer:
+
+      A = e * sum(k) + [dropout > 0] * sum(k) + e * r * n_lora      LoRA inputs kept for dA (after
+                                                                     dropout, fp32), the dropout
+                                                                     masks, x A^T kept for dB
+        + e * h * n_norm                                              each norm's input
+        + e * (2 * h_q + 2 * h_kv) + 4 * heads                        q, k, v, attention output,
+                                                                     log-sum-exp (fused attention)
+        + [eager attention] * 2 * e * heads * seq_len                 scores and probabilities
+        + e * i * (3 if gated else 1)                                 MLP activation inputs/outputs
+
+  where k runs over the in_features of the layer's n_lora 4-bit layers, h is the hidden size,
+  h_q = heads * head_dim, h_kv = kv_heads * head_dim, i the MLP width. Without checkpointing every
+  layer keeps A: L * t * A. With (non-reentrant) checkpointing each layer keeps only its input and
+  one layer is recomputed at a time: L * t * e * h + t * A. Plus the head, t * (e * h + 8 * V):
+  the final norm's input, the fp32 logits and the log-softmax the loss keeps (V = vocab size,
+  causal LMs only). And the dequantize workspace: the largest 4-bit weight in the compute dtype.
+  Not counted: the CUDA context and allocator fragmentation, transient backward buffers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import inspect as _inspect
+from .config import QLoRAConfig
+from .lora import QLoRALinear
+
+PAGED_MIN_NUMEL = 100_000
+EIGHT_BIT_MIN_NUMEL = 4096
+DEFAULT_BUDGET_FRACTION = 0.10
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_memory(text: str) -> int:
+    """Bytes in "48GB" (10^9), "48GiB" (2^30), "512 MiB", "1.5TB"; a unit is required."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if match is None:
+        raise ValueError(f"memory size {text!r} is not a number with a unit, such as 48GB or 48GiB")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if unit not in _UNITS:
+        hint = "a unit is required" if not unit else f"unknown unit {match.group(2)!r}"
+        raise ValueError(
+            f"memory size {text!r}: {hint}; use B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB"
+        )
+    return int(number * _UNITS[unit])
+
+
+def optimizer_state_bytes(numels: list[int], optim_bits: int) -> int:
+    """Bytes of Adam states for trainable tensors of `numels` elements (the paged optimizer's rule)."""
+    return sum(_state_bytes(n, optim_bits) for n in numels)
+
+
+def _state_bytes(n: int, optim_bits: int) -> int:
+    if optim_bits not in (32, 8):
+        raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
+    if optim_bits == 8 and n >= EIGHT_BIT_MIN_NUMEL:
+        return 2 * n + 2 * 4 * math.ceil(n / 256)
+    return 8 * n
+
+
+def optimizer_state_split(
+    numels: list[int], optim_bits: int, paged: bool = True, device_budget: int | None = None
+) -> dict:
+    """{total, paged, unpaged, budget, device, host} bytes of the optimizer states."""
+    total = optimizer_state_bytes(numels, optim_bits)
+    paged_bytes = sum(_state_bytes(n, optim_bits) for n in numels if paged and n >= PAGED_MIN_NUMEL)
+    budget = int(DEFAULT_BUDGET_FRACTION * paged_bytes) if device_budget is None else device_budget
+    on_device = min(paged_bytes, budget)
+    return {
+        "total": total, "paged": paged_bytes, "unpaged": total - paged_bytes, "budget": budget,
+        "device": total - paged_bytes + on_device, "host": paged_bytes - on_device,
+    }  # fmt: skip
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def persistent_breakdown(model: nn.Module) -> dict[str, int]:
+    """Bytes of the (compiled) model's parameters and buffers by kind; each tensor once."""
+    kinds = _inspect.pipeline._linear_kinds()
+    seen: set[int] = set()
+    out = dict.fromkeys(
+        ("4-bit weights", "4-bit statistics", "LoRA parameters (fp32)", "embeddings", "dense leftovers (output head)",
+         "norms (fp32)", "biases of 4-bit layers", "other parameters and buffers"), 0,
+    )  # fmt: skip
+    for module in model.modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            if isinstance(module, QLoRALinear):
+                key = {"weight_packed": "4-bit weights", "bias": "biases of 4-bit layers"}.get(
+                    name, "4-bit statistics"
+                )
+            elif isinstance(t, nn.Parameter) and t.requires_grad:
+                key = "LoRA parameters (fp32)"
+            elif isinstance(module, nn.Embedding):
+                key = "embeddings"
+            elif isinstance(module, kinds):
+                key = "dense leftovers (output head)"
+            elif "norm" in type(module).__name__.lower():
+                key = "norms (fp32)"
+            else:
+                key = "other parameters and buffers"
+            out[key] += tensor_bytes(t)
+    return out
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The longest ModuleList of same-type modules (the decoder / encoder layers)."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best):
+                best = module
+    return best
+
+
+@dataclass
+class Term:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """A memory plan: device terms (their sum is the prediction), host bytes, the verdict."""
+
+    model: str
+    gpu_memory: int
+    terms: list[Term]
+    persistent: dict[str, int]
+    optimizer: dict
+    activations: dict[str, int]
+    settings: dict
+    host_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(t.bytes for t in self.terms)
+
+    @property
+    def persistent_bytes(self) -> int:
+        return sum(self.persistent.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+    @property
+    def largest(self) -> Term:
+        return max(self.terms, key=lambda t: t.bytes)
+
+
+def activation_bytes(
+    model: nn.Module,
+    hf_config,
+    *,
+    batch_size: int,
+    seq_len: int,
+    r: int,
+    lora_dropout: float,
+    mask_bytes: int = 1,
+) -> dict:
+    """The activation model of the module docstring: {"per_layer", "head", "with_checkpointing",
+    "without_checkpointing"} in bytes, for a compiled-shaped (meta) model. `mask_bytes`: bytes per
+    dropout mask element (1: CUDA's bool mask; the CPU's dropout keeps a 4-byte float noise tensor)."""
+    e = 4
+    t = batch_size * seq_len
+    layers = _decoder_layers(model)
+    n_layers = len(layers) if layers is not None else 0
+    layer = layers[0] if layers is not None else model
+    lora = [m for m in layer.modules() if isinstance(m, QLoRALinear)]
+    h = getattr(hf_config, "hidden_size", None) or max((m.in_features for m in lora), default=0)
+    heads = getattr(hf_config, "num_attention_heads", 0) or 0
+    head_dim = getattr(hf_config, "head_dim", None) or (h // heads if heads else 0)
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    widths = [m.out_features for m in lora]
+    inter = max(widths, default=0)
+    gated = sum(w == inter for w in widths) >= 2 and inter != h
+    norms = sum("norm" in type(m).__name__.lower() for m in layer.modules())
+    eager = getattr(hf_config, "_attn_implementation", None) == "eager"
+    k = sum(m.in_features for m in lora)
+    per_token = (
+        e * k + (mask_bytes * k if lora_dropout > 0 else 0) + e * r * len(lora)
+        + e * h * norms
+        + e * (2 * heads * head_dim + 2 * kv_heads * head_dim) + 4 * heads
+        + (2 * e * heads * seq_len if eager else 0)
+        + e * inter * (3 if gated else 1)
+    )  # fmt: skip
+    per_layer = t * per_token
+    vocab = getattr(hf_config, "vocab_size", 0) if _is_lm(model) else 0
+    head = t * (e * h + 8 * vocab)  # final norm input; fp32 logits (the output) and log-softmax
+    return {
+        "per_layer": per_layer,
+        "layers": n_layers,
+        "head": head,
+        "with_checkpointing": n_layers * t * e * h + per_layer + head,
+        "without_checkpointing": n_layers * per_layer + head,
+    }
+
+
+def _embedding_note(model: nn.Module) -> str:
+    dtypes = sorted(
+        {str(m.weight.dtype).removeprefix("torch.") for m in model.modules() if isinstance(m, nn.Embedding)}
+    )
+    head = _inspect.pipeline._output_head(model)
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = (
+        head is not None
+        and inputs is not None
+        and getattr(head, "weight", None) is getattr(inputs, "weight", 0)
+    )
+    return "in " + ", ".join(dtypes) + ("; tied to the output head, so fp32 after compile" if tied else "")
+
+
+def _is_lm(model: nn.Module) -> bool:
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def plan_memory(
+    path: str | Path,
+    *,
+    gpu_memory: int,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    r: int = 64,
+    optim_bits: int = 32,
+    gradient_checkpointing: bool = False,
+    optim_budget: int | None = None,
+    paged: bool = True,
+    dtype: str = "bfloat16",
+    lora_dropout: float = 0.05,
+) -> Plan:
+    """Predict the device memory of QLoRA training of the model at `path` (folder or config.json).
+
+    Args:
+        gpu_memory: the device's bytes (see `parse_memory`).
+        dtype: the dense weights' dtype as loaded before compile ("auto": the config's).
+        optim_budget: device bytes for paged optimizer states (None: 10% of the paged states).
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError("--seq-len and --batch-size must be at least 1")
+    if gpu_memory <= 0:
+        raise ValueError("--gpu-memory must be positive")
+    config = QLoRAConfig(r=r, optim_bits=optim_bits, paged=paged, lora_dropout=lora_dropout,
+                         gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+    hf_config = _inspect.read_config(path)
+    weights_dtype = _inspect.resolve_dtype(dtype, hf_config)
+    model = _inspect.meta_model(hf_config, weights_dtype)
+    rewrites = _inspect.prepare_meta(model, config)
+    persistent = persistent_breakdown(model)
+    numels = [p.numel() for p in model.parameters() if p.requires_grad]
+    lora_bytes = 4 * sum(numels)
+    optim = optimizer_state_split(numels, optim_bits, paged, optim_budget)
+    acts = activation_bytes(
+        model, hf_config, batch_size=batch_size, seq_len=seq_len, r=r, lora_dropout=lora_dropout
+    )
+    largest = max((math.prod(x.shape) for x in rewrites if x.skipped is None), default=0)
+    workspace = largest * torch.empty((), dtype=config.compute_dtype).element_size()
+    act_key = "with_checkpointing" if gradient_checkpointing else "without_checkpointing"
+    budget_note = "10% of the paged states" if optim_budget is None else "--optim-budget"
+    terms = [
+        Term(
+            "4-bit weights",
+            persistent["4-bit weights"],
+            f"{sum(x.skipped is None for x in rewrites)} layers, packed NF4",
+        ),
+        Term("4-bit statistics", persistent["4-bit statistics"], "absmax codes, nested absmax, offsets"),
+        Term("embeddings", persistent["embeddings"], _embedding_note(model)),
+        Term(
+            "dense leftovers (output head)", persistent["dense leftovers (output head)"], "fp32 after compile"
+        ),
+        Term("norms (fp32)", persistent["norms (fp32)"]),
+        Term("biases of 4-bit layers", persistent["biases of 4-bit layers"]),
+        Term("other parameters and buffers", persistent["other parameters and buffers"]),
+        Term(
+            "LoRA parameters (fp32)",
+            persistent["LoRA parameters (fp32)"],
+            f"{sum(numels):,} parameters, r={r}",
+        ),
+        Term("LoRA gradients (fp32)", lora_bytes),
+        Term(
+            "optimizer states on device",
+            optim["device"],
+            f"{optim_bits}-bit; {optim['paged'] / 2**30:.2f} GiB paged, device budget {optim['budget'] / 2**30:.2f} GiB "
+            f"({budget_note})"
+            if paged
+            else f"{optim_bits}-bit, not paged",
+        ),
+        Term(
+            f"activations ({'with' if gradient_checkpointing else 'without'} checkpointing)",
+            acts[act_key],
+            f"batch {batch_size} x {seq_len} tokens; {'without' if gradient_checkpointing else 'with'} checkpointing: "
+            f"{acts['without_checkpointing' if gradient_checkpointing else 'with_checkpointing'] / 2**30:.2f} GiB",
+        ),
+        Term("dequantize workspace", workspace, "the largest 4-bit weight in the compute dtype"),
+    ]
+    return Plan(
+        model=str(path), gpu_memory=gpu_memory, terms=[t for t in terms if t.bytes or "4-bit" in t.name],
+        persistent=persistent, optimizer=optim, activations=acts, host_bytes=optim["host"],
+        settings={"seq_len": seq_len, "batch_size": batch_size, "r": r, "optim_bits": optim_bits,
+                  "gradient_checkpointing": gradient_checkpointing, "paged": paged,
+                  "dtype": str(weights_dtype).removeprefix("torch.")},
+        notes=["not counted: the CUDA context, allocator fragmentation, transient backward buffers"],
+    )  # fmt: skip

@@ -1,0 +1,175 @@
+"""`qlora-compile plan`: exact persistent bytes against compiled models, the optimizer-state rule,
+the activation model against measured saved tensors, and the paper's LLaMA-65B-on-48-GB headline."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import qlora_compile
+from qlora_compile import QLoRAConfig
+from qlora_compile import inspect as qinspect
+from qlora_compile.plan import (
+    activation_bytes,
+    optimizer_state_bytes,
+    optimizer_state_split,
+    parse_memory,
+    plan_memory,
+)
+from qlora_compile.tools import cli
+
+LLAMA_65B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+             "intermediate_size": 22016, "num_hidden_layers": 80, "num_attention_heads": 64,
+             "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}  # fmt: skip
+
+FAMILIES = {
+    "llama": transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      architectures=["LlamaForCausalLM"]),
+    # tied output head: compile's fp32 upcast of the head turns the shared embedding fp32 too
+    "gpt2": transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                    architectures=["GPT2LMHeadModel"]),
+    "bert": transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64, architectures=["BertModel"]),
+    "opt": transformers.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                  word_embed_proj_dim=64, max_position_embeddings=64, architectures=["OPTForCausalLM"]),
+}  # fmt: skip
+
+
+def _write(config, tmp_path):
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("48GB", 48 * 10**9), ("48GiB", 48 * 2**30), ("48 gib", 48 * 2**30), ("1.5TB", 15 * 10**11),
+     ("512MiB", 512 * 2**20), ("100B", 100)],
+)  # fmt: skip
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("48", "a unit is required"), ("48GX", "unknown unit 'GX'"), ("lots", "not a number with a unit")],
+)
+def test_parse_memory_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_memory(text)
+
+
+def test_optimizer_state_rule():
+    assert optimizer_state_bytes([10, 5000], 32) == 8 * 5010
+    # 8-bit: 2 bytes/element + 2 fp32 absmax per 256 elements; small tensors stay 32-bit
+    assert optimizer_state_bytes([4095], 8) == 8 * 4095
+    assert optimizer_state_bytes([4096], 8) == 2 * 4096 + 8 * 16
+    assert optimizer_state_bytes([4097], 8) == 2 * 4097 + 8 * 17
+    split = optimizer_state_split([99_999, 100_000, 200_000], 32)  # the last two are paged
+    assert split["paged"] == 8 * 300_000 and split["unpaged"] == 8 * 99_999
+    assert split["budget"] == int(0.1 * 8 * 300_000)
+    assert split["device"] == 8 * 99_999 + split["budget"] and split["host"] == 8 * 300_000 - split["budget"]
+    assert optimizer_state_split([200_000], 32, device_budget=10**9)["host"] == 0
+    assert optimizer_state_split([200_000], 32, paged=False)["device"] == 8 * 200_000
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_persistent_bytes_equal_a_compiled_model(family, dtype, tmp_path):
+    """Parameters + buffers predicted from the config equal a real compiled model's, to the byte."""
+    config = FAMILIES[family]
+    plan = plan_memory(_write(config, tmp_path), gpu_memory=10**9, r=8, dtype=dtype)
+    model = getattr(transformers, config.architectures[0])._from_config(config, dtype=getattr(torch, dtype))
+    qlora_compile.compile(model, r=8, backend="eager")
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    measured = sum(t.numel() * t.element_size() for t in tensors)
+    assert plan.persistent_bytes == measured
+    lora = sum(p.numel() * 4 for p in model.qlora.trainable_parameters())
+    assert plan.persistent["LoRA parameters (fp32)"] == lora
+    assert plan.optimizer["total"] == 8 * lora // 4
+    # the allocator's view agrees up to the double-quantized absmax codes, which keep their
+    # padding to 256 blocks (at most 255 bytes per 4-bit layer)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    layers = len(model.qlora.report().rewritten)
+    assert 0 <= sum(storages.values()) - measured < 256 * layers
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for backward in an eager training forward, plus the logits it returns."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    with (
+        torch.compiler.set_stance("force_eager"),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        out = model(ids, labels=ids, use_cache=False)
+    return (
+        sum(v for k, v in kept.items() if k not in weights) + out.logits.numel() * out.logits.element_size()
+    )
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_model_against_measured_saved_tensors(checkpointing):
+    """Llama: the analytic activations are within 10% of what autograd keeps (measured with
+    saved-tensor hooks). On the CPU dropout keeps a float mask, so mask_bytes=4 here. With
+    checkpointing the forward keeps the layer inputs and the head; the recomputed layer is extra."""
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    qconfig = QLoRAConfig(r=8, gradient_checkpointing=checkpointing, backend="eager")
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    qinspect.prepare_meta(meta, qconfig)
+    acts = activation_bytes(meta, config, batch_size=2, seq_len=128, r=8, lora_dropout=0.05, mask_bytes=4)
+    predicted = (
+        acts["with_checkpointing"] - acts["per_layer"] if checkpointing else acts["without_checkpointing"]
+    )
+    model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    qlora_compile.compile(model, qconfig)
+    model.train()
+    measured = _saved_bytes(model, torch.randint(0, 512, (2, 128)))
+    assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+
+
+def test_llama_65b_fits_in_48gb(tmp_path):
+    """The paper's headline: LLaMA-65B QLoRA (r=64 on every linear layer, paged 32-bit AdamW,
+    gradient checkpointing, batch 1 x 512) fits on one 48 GB GPU; without checkpointing it does not."""
+    path = tmp_path / "llama-65b.json"
+    path.write_text(json.dumps(LLAMA_65B))
+    plan = plan_memory(path, gpu_memory=parse_memory("48GB"), gradient_checkpointing=True)
+    h, i, layers = 8192, 22016, 80
+    linear = layers * (4 * h * h + 3 * h * i)
+    assert plan.persistent["4-bit weights"] == linear // 2
+    lora = layers * 64 * (4 * (h + h) + 3 * (h + i))
+    assert plan.persistent["LoRA parameters (fp32)"] == 4 * lora == 4 * 799_539_200
+    assert plan.persistent["embeddings"] == 2 * 32000 * h  # bf16
+    assert plan.persistent["dense leftovers (output head)"] == 4 * 32000 * h  # fp32 after compile
+    assert plan.optimizer["total"] == 8 * lora and plan.optimizer["paged"] == 8 * lora
+    assert plan.fits and plan.largest.name == "4-bit weights"
+    assert 40e9 < plan.total < 48e9
+    no_ckpt = plan_memory(path, gpu_memory=parse_memory("48GB"))
+    assert not no_ckpt.fits and no_ckpt.largest.name.startswith("activations")
+
+
+def test_cli_plan(tmp_path, capsys):
+    path = tmp_path / "llama-65b.json"
+    path.write_text(json.dumps(LLAMA_65B))
+    assert cli.main(["plan", str(path), "--gpu-memory", "48GB", "--gradient-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "Verdict: fits" in out
+        and "largest term: 4-bit weights" in out
+        and "optimizer states on device" in out
+    )
+    assert cli.main(["plan", str(path), "--gpu-memory", "24GB", "--optim-bits", "8"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+    assert cli.main(["plan", str(path), "--gpu-memory", "48"]) == 2
+    assert "a unit is required" in capsys.readouterr().err
+    assert cli.main(["plan", str(tmp_path / "missing.json"), "--gpu-memory", "48GB"]) == 2
+    assert "does not exist" in capsys.readouterr().err
