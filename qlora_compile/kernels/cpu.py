@@ -93,7 +93,9 @@ def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     slot = ((normed + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)  # truncates, as the C cast
     codes = dynamic_lut().to(absmax.device)[slot]
     codes = codes.masked_fill_((nested_absmax == 0).unsqueeze(1), 0)
-    return codes.view(-1)[:nb].contiguous(), nested_absmax, offset
+    codes = codes.view(-1)
+    # a copy when padded: a slice would keep the padded storage alive (up to 255 bytes per weight)
+    return (codes[:nb].clone() if pad else codes), nested_absmax, offset
 
 
 def decode_absmax(
