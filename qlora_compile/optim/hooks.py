@@ -32,13 +32,11 @@ class StepInBackward:
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
-        grad = p.grad
-        norm = float(torch.linalg.vector_norm(grad.float()))
+        if self.max_grad_norm is not None:  # torch's clip_grad_norm_, on this parameter alone
+            norm = float(torch.nn.utils.clip_grad_norm_(p, self.max_grad_norm))
+        else:
+            norm = float(torch.nn.utils.get_total_norm([p.grad]))
         self._sq += norm * norm
-        if self.max_grad_norm is not None:
-            scale = self.max_grad_norm / (norm + 1e-6)  # clip_grad_norm_'s rule, per parameter
-            if scale < 1.0:
-                grad.mul_(scale)
         self.optimizer.step_param(p)
         p.grad = None
         self.steps += 1
