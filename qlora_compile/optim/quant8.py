@@ -81,7 +81,7 @@ def quantize_blockwise(
     normed = blocks * (1.0 / am).unsqueeze(1)
     normed = normed.clamp_(-1.0, 1.0).nan_to_num_(-1.0)  # 0 / 0 in a zero block -> code 0
     slot = normed.add_(1.0).mul_(0.5).mul_(65535.0).add_(0.5).to(torch.int32)  # truncates, as the C cast
-    q = lookup_table(signed, x.device)[slot.view(-1)[:n]]
+    q = lookup_table(signed, x.device).index_select(0, slot.view(-1)[:n])  # much faster than [ ]
     if codes is None:
         codes = q
     else:
@@ -96,7 +96,7 @@ def quantize_blockwise(
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """fp32 values `code[q] * absmax[i // 256]` (flat), as bitsandbytes computes them."""
     n = codes.numel()
-    values = _on(codes.device, signed, "code")[codes.reshape(-1).long()]
+    values = _on(codes.device, signed, "code").index_select(0, codes.reshape(-1).int())
     pad = -n % BLOCK
     if pad:
         values = torch.nn.functional.pad(values, (0, pad))
