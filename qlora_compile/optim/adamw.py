@@ -195,6 +195,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 self.pager.add_resident(total)
         if self.pager is not None:
             self.pager.allocate()
+        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         self._records = records
         return records
 
@@ -246,11 +247,9 @@ class PagedAdamW(torch.optim.Optimizer):
         records = self._layout()
         if p.grad is None:
             return
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                self._step_one(group, records[p], None)
-                return
-        raise KeyError("parameter is not in this optimizer")
+        if id(p) not in self._group_of:
+            raise KeyError("parameter is not in this optimizer")
+        self._step_one(self._group_of[id(p)], records[p], None)
 
     def _step_one(self, group: dict, rec: _ParamState, following: _ParamState | None) -> None:
         p = rec.param

@@ -211,7 +211,6 @@ class Pager:
             if self.n_slots < 2:
                 return
             self._load(page)
-            self._lru.move_to_end(page, last=False)  # keep it ahead of the pages in use
             self._busy = {p for p in self._busy if p in self._page_slot} | {page}
         else:
             self._host.will_need(self._pages[page])
