@@ -43,6 +43,8 @@ def candidates(params: list[torch.Tensor]) -> dict:
         "bnb AdamW (32-bit)": lambda: bnb.optim.AdamW(params, lr=2e-4, weight_decay=0.0),
         "ours 32-bit": lambda: PagedAdamW(params),
         "ours 32-bit, paged 10%": lambda: PagedAdamW(params, device_budget=state32 // 10),
+        "ours 32-bit fused": lambda: PagedAdamW(params, fused=True),
+        "ours 32-bit fused, paged 10%": lambda: PagedAdamW(params, fused=True, device_budget=state32 // 10),
         "bnb AdamW8bit": lambda: bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.0),
         "ours 8-bit": lambda: PagedAdamW(params, optim_bits=8),
         "ours 8-bit, paged 10%": lambda: PagedAdamW(params, optim_bits=8, device_budget=state8 // 10),

@@ -99,6 +99,9 @@ class PagedAdamW(torch.optim.Optimizer):
         resident_below: with a budget, tensors with fewer elements keep their states on the device
             (bitsandbytes: 1e5) while these take at most half the budget.
         page_dir: directory of the CPU page file (default: the system's temporary directory).
+        fused: update 32-bit states with torch's fused AdamW kernel (`torch._fused_adamw_`), page by
+            page: about 3x faster on CPU, but not bit-identical to `AdamW(foreach=False)` (a few
+            ulps per step); paged and unpaged runs stay bit-identical.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class PagedAdamW(torch.optim.Optimizer):
         min_8bit_size: int = 4096,
         resident_below: int = 100_000,
         page_dir: str | None = None,
+        fused: bool = False,
     ):
         _check_hyper(lr, betas, eps, weight_decay)
         if optim_bits not in (8, 32) or isinstance(optim_bits, bool):
@@ -131,6 +135,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self.min_8bit_size = int(min_8bit_size)
         self.resident_below = int(resident_below)
         self.page_dir = page_dir
+        self.fused = bool(fused)
         self.pager: Pager | None = None
         self._records: dict[torch.Tensor, _ParamState] | None = None
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
@@ -277,7 +282,8 @@ class PagedAdamW(torch.optim.Optimizer):
             g = gflat[a:b]
             g = g if g.dtype == torch.float32 else g.float()
             if rec.bits == 32:
-                _adamw32(pf, g, *_fields(buf, 32, b - a), rec.step, lr, beta1, beta2, eps, wd)
+                step = _adamw32_fused if self.fused else _adamw32
+                step(pf, g, *_fields(buf, 32, b - a), rec.step, lr, beta1, beta2, eps, wd)
             else:
                 _adamw8(pf, g, *_fields(buf, 8, b - a), rec.step, lr, beta1, beta2, eps, wd)
             if pf is not pc:
@@ -408,6 +414,26 @@ def _adamw32(p, g, m, v, step, lr, beta1, beta2, eps, wd) -> None:
     bias_correction2 = 1 - beta2**step
     denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
     p.addcdiv_(m, denom, value=-(lr / bias_correction1))
+
+
+def _adamw32_fused(p, g, m, v, step, lr, beta1, beta2, eps, wd) -> None:
+    """The same update through torch's fused kernel (one pass over the page)."""
+    steps = [torch.tensor(float(step), device=p.device)]
+    torch._fused_adamw_(
+        [p],
+        [g],
+        [m],
+        [v],
+        [],
+        steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=wd,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
 
 
 def _adamw8(p, g, am1, am2, qm, qv, step, lr, beta1, beta2, eps, wd) -> None:

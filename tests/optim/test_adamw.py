@@ -54,12 +54,21 @@ def test_32bit_matches_torch_adamw_200_steps():
         assert torch.equal(sd["state"][i]["exp_avg_sq"], torch_opt.state[p]["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("bits", [32, 8])
-def test_paged_equals_unpaged_bit_for_bit(bits):
+def test_fused_32bit_is_close_to_torch_adamw():
+    ref = _params()
+    _run(ref, torch.optim.AdamW(ref, foreach=False, **HYPER), 200)
+    ours = _params()
+    _run(ours, PagedAdamW(ours, fused=True, **HYPER), 200)
+    for a, b in zip(ref, ours, strict=True):
+        assert (a - b).norm() <= 1e-6 * a.norm()
+
+
+@pytest.mark.parametrize(("bits", "fused"), [(32, False), (32, True), (8, False)])
+def test_paged_equals_unpaged_bit_for_bit(bits, fused):
     plain = _params()
-    _run(plain, PagedAdamW(plain, optim_bits=bits, **HYPER), 30)
+    _run(plain, PagedAdamW(plain, optim_bits=bits, fused=fused, **HYPER), 30)
     paged = _params()
-    opt = PagedAdamW(paged, optim_bits=bits, **HYPER, **PAGED)
+    opt = PagedAdamW(paged, optim_bits=bits, fused=fused, **HYPER, **PAGED)
     _run(paged, opt, 30)
     for a, b in zip(plain, paged, strict=True):
         assert torch.equal(a, b)
