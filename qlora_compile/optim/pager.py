@@ -2,8 +2,9 @@
 
 A `Pager` owns
 - a host store holding every page: pinned host memory on CUDA; on CPU a memory-mapped temporary
-  file (sparse, so untouched state costs nothing), whose pages are dropped from the process
-  (`madvise(MADV_DONTNEED)`) after each read and write-back, so RAM stays bounded by the budget;
+  file (sparse, so untouched state costs nothing): pages are read through the mapping and dropped
+  from the process after each read (`madvise(MADV_DONTNEED)`), and written back with `pwrite`
+  (no page faults, nothing mapped), so RAM stays bounded by the budget;
 - a device pool of `budget // slot_bytes` slots, each holding one page while it is in use, with
   least-recently-used eviction (dirty pages are written back first).
 
@@ -53,6 +54,18 @@ class _HostStore:
 
     def view(self, page: _Page) -> torch.Tensor:
         return self.data[page.offset : page.offset + page.nbytes]
+
+    def write(self, page: _Page, src: torch.Tensor) -> None:
+        """Store `src` (a contiguous uint8 host tensor) as the page's bytes."""
+        if self._file is None:
+            self.view(page).copy_(src)
+            return
+        # pwrite, not a copy through the mapping: no page faults, and no pages mapped into the
+        # process; the mapping sees the same page cache.
+        data, offset = memoryview(src.numpy()), page.offset
+        while len(data):
+            written = os.pwrite(self._file.fileno(), data, offset)
+            data, offset = data[written:], offset + written
 
     def drop(self, page: _Page) -> None:
         """Release the host pages behind `page` from this process (the file keeps the data)."""
@@ -176,8 +189,7 @@ class Pager:
                 with torch.cuda.stream(self._stream):
                     self._host.view(info).copy_(src, non_blocking=True)
             else:
-                self._host.view(info).copy_(src)
-                self._host.drop(info)
+                self._host.write(info, src)
             self.page_outs += 1
         self._count(-info.nbytes)
 
@@ -247,8 +259,7 @@ class Pager:
                 with torch.cuda.stream(self._stream):
                     self._host.view(info).copy_(self._pool[slot, : info.nbytes], non_blocking=True)
             else:
-                self._host.view(info).copy_(self._pool[slot, : info.nbytes])
-                self._host.drop(info)
+                self._host.write(info, self._pool[slot, : info.nbytes])
         self._dirty.clear()
         if self._cuda:
             self._stream.synchronize()
@@ -268,8 +279,9 @@ class Pager:
         else:
             if self._cuda:
                 self._stream.synchronize()  # a write-back of this page may be in flight
-            self._host.view(self._pages[page]).copy_(data)
-            self._host.drop(self._pages[page])
+                self._host.view(self._pages[page]).copy_(data)
+            else:
+                self._host.write(self._pages[page], data.contiguous())
 
     def close(self) -> None:
         if self._host is not None:
