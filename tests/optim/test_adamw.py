@@ -89,13 +89,15 @@ def test_8bit_tracks_bitsandbytes_adamw8bit_200_steps():
     opt = PagedAdamW8bit(ours, **HYPER, **PAGED)
     _run(ours, opt, 200)
     for a, b in zip(ref, ours, strict=True):
-        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()  # the tolerance asked for ...
+        assert torch.equal(a, b)  # ... and in fact bit for bit (bitsandbytes 0.50.2, CPU)
     sd = opt.state_dict()
     for i, p in enumerate(ref):
-        st = bnb_opt.state[p]
-        agree = (sd["state"][i]["exp_avg_codes"].view(-1) == st["state1"].view(-1)).float().mean()
-        assert agree >= 0.999
-        assert torch.allclose(sd["state"][i]["exp_avg_sq_absmax"], st["absmax2"], rtol=1e-4)
+        st, mine = bnb_opt.state[p], sd["state"][i]
+        assert torch.equal(mine["exp_avg_codes"].view(-1), st["state1"].view(-1))
+        assert torch.equal(mine["exp_avg_sq_codes"].view(-1), st["state2"].view(-1))
+        assert torch.equal(mine["exp_avg_absmax"], st["absmax1"])
+        assert torch.equal(mine["exp_avg_sq_absmax"], st["absmax2"])
 
 
 def test_bf16_parameters_step_in_fp32():
