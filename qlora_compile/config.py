@@ -31,9 +31,17 @@ class QLoRAConfig:
             head), a list of module names (the last component, as "q_proj", or a full path), or a
             `filter_fn(module, fqn) -> bool`.
         gradient_checkpointing: turn on the model's own (Hugging Face, non-reentrant) checkpointing.
-        lr, weight_decay, max_grad_norm: optimizer settings for `model.qlora.optimizer`.
-        paged: page optimizer states out of device memory (with the paged optimizer).
-        optim_bits: 32 or 8-bit optimizer states.
+        lr, weight_decay: settings of `model.qlora.optimizer` (a `qlora_compile.optim.PagedAdamW`).
+        max_grad_norm: `model.qlora.step()` clips gradients to this global norm; None: no clipping.
+        paged: page optimizer states out of device memory beyond `device_budget`.
+        optim_bits: 32 or 8-bit optimizer states (8: bitsandbytes' blockwise AdamW8bit scheme).
+        device_budget: with `paged`, the most bytes of optimizer state kept on the device (the rest
+            in pinned host memory on CUDA, a memory-mapped file on CPU); None: no limit.
+        step_in_backward: step each parameter inside backward as soon as its gradient is ready and
+            free that gradient (`qlora_compile.optim.step_in_backward`); needs max_grad_norm=None
+            or clip_per_parameter=True.
+        clip_per_parameter: clip each parameter's gradient to max_grad_norm on its own instead of
+            by the global norm.
         backend: what compiles the graph after our passes: "inductor", "aot_eager" or "eager".
     """
 
@@ -48,9 +56,12 @@ class QLoRAConfig:
     gradient_checkpointing: bool = True
     lr: float = 2e-4
     weight_decay: float = 0.0
-    max_grad_norm: float = 0.3
+    max_grad_norm: float | None = 0.3
     paged: bool = True
     optim_bits: int = 32
+    device_budget: int | None = None
+    step_in_backward: bool = False
+    clip_per_parameter: bool = False
     backend: str = "inductor"
 
     def __post_init__(self) -> None:
@@ -65,9 +76,27 @@ class QLoRAConfig:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        for name in ("lr", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        if self.device_budget is not None:
+            if (
+                isinstance(self.device_budget, bool)
+                or not isinstance(self.device_budget, int)
+                or self.device_budget <= 0
+            ):
+                raise ValueError(
+                    f"device_budget must be a positive int (bytes) or None, got {self.device_budget!r}"
+                )
+            if not self.paged:
+                raise ValueError("device_budget needs paged=True")
+        if self.step_in_backward and self.max_grad_norm is not None and not self.clip_per_parameter:
+            raise ValueError(
+                "step_in_backward steps each parameter before the other gradients exist, so global-norm "
+                "clipping (max_grad_norm) is impossible: set clip_per_parameter=True to clip each "
+                "gradient on its own, or max_grad_norm=None"
+            )
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         targets = self.target_modules

@@ -199,24 +199,54 @@ class QLoRAHandle:
         self.config = config
         self._report = report
         self._optimizer: torch.optim.Optimizer | None = None
+        self._hooks = None
+        if config.step_in_backward:
+            self.optimizer  # noqa: B018 (registers the hooks before the first backward)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self._model.parameters() if p.requires_grad]
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the LoRA parameters, configured from the config (created on first use)."""
+        """`qlora_compile.optim.PagedAdamW` over the LoRA parameters, from the config (made on first
+        use; at once with `step_in_backward`, whose hooks must exist before the first backward)."""
         if self._optimizer is None:
-            self._optimizer = torch.optim.AdamW(
-                self.trainable_parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+            from .optim import PagedAdamW, step_in_backward
+
+            c = self.config
+            self._optimizer = PagedAdamW(
+                self.trainable_parameters(),
+                lr=c.lr,
+                weight_decay=c.weight_decay,
+                optim_bits=c.optim_bits,
+                device_budget=c.device_budget if c.paged else None,
             )
+            if c.step_in_backward:
+                self._hooks = step_in_backward(
+                    self.trainable_parameters(),
+                    self._optimizer,
+                    max_grad_norm=c.max_grad_norm,
+                    per_parameter=c.clip_per_parameter,
+                )
         return self._optimizer
 
     def step(self) -> float:
-        """Clip gradients to `max_grad_norm`, step the optimizer, zero the gradients; returns the norm."""
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Clip gradients to `max_grad_norm`, step the optimizer, zero the gradients; returns the
+        global gradient norm (before clipping). With `step_in_backward` the steps already happened
+        in backward: this only returns the norm of the gradients they used."""
+        optimizer = self.optimizer
+        if self.config.step_in_backward:
+            return self._hooks.grad_norm()
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        max_norm = self.config.max_grad_norm
+        if max_norm is None or self.config.clip_per_parameter:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            for p in params if max_norm is not None else ():
+                torch.nn.utils.clip_grad_norm_(p, max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
     def report(self) -> Report:
