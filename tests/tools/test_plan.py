@@ -75,6 +75,26 @@ def test_optimizer_state_rule():
     assert optimizer_state_split([200_000], 32, paged=False)["device"] == 8 * 200_000
 
 
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_optimizer_state_rule_equals_the_paged_optimizer(optim_bits):
+    """The planner's formula against the state tensors the real optimizer keeps after a step."""
+    from qlora_compile.optim import PagedAdamW
+
+    numels = [10, 4095, 4096, 4097, 70_000, 300_001]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in numels]
+    opt = PagedAdamW(params, optim_bits=optim_bits, device_budget=2**22)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    kept = sum(
+        t.numel() * t.element_size()
+        for entry in opt.state_dict()["state"].values()
+        for key, t in entry.items()
+        if key != "step"
+    )
+    assert optimizer_state_bytes(numels, optim_bits) == kept == opt.state_nbytes()
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_persistent_bytes_equal_a_compiled_model(family, dtype, tmp_path):
