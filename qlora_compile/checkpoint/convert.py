@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..codes import BLOCKSIZES, QUANT_TYPES
 from ..format import QuantizedWeight
 from ..kernels import cpu as _torch_kernels
@@ -223,7 +222,8 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
         if key in tied:
             continue  # a tied copy: transformers does not save it either
         if key not in keys:
-            unmatched.append(info.name)
+            unmatched.append(info.name)  # transformers drops these on load ("unexpected keys")
+            continue
         if info.dtype not in DTYPES:
             raise ConversionError(f"{info.name} in {info.file.name}: unsupported dtype {info.dtype}")
         module, _, leaf = key.rpartition(".")
@@ -244,7 +244,7 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
         items.append(_Item(info, key, dtype, quantize, quantize and chosen[module], size))
     if unmatched:
         logger.warning(
-            "%d tensor(s) are not parameters of %s and are copied unchanged: %s",
+            "%d tensor(s) are not in %s's state dict and are dropped, as transformers does: %s",
             len(unmatched), cls.__name__, ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else ""),
         )  # fmt: skip
     skipped = sorted(
@@ -339,6 +339,8 @@ def _read_quantized(item: _Item, quant_type: str, blocksize: int, double_quant: 
 
 
 def _fingerprint(files: list[Path], options: dict) -> str:
+    from .. import __version__
+
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     blob = json.dumps({"files": stats, "options": options, "version": __version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
