@@ -33,7 +33,16 @@ def tiny_llama(
 def tiny_gpt2(path: Path, *, dtype=torch.bfloat16) -> Path:
     """GPT-2 (Conv1D layers), saved in `dtype` with no dtype in config.json (found from the weights)."""
     config = transformers.GPT2Config(
-        n_layer=2, n_embd=128, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
+        n_layer=2,
+        n_embd=128,
+        n_head=4,
+        vocab_size=128,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(config).to(dtype).save_pretrained(path)
