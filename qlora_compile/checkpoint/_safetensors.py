@@ -149,7 +149,8 @@ def write_streaming(
     path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], fill, chunk_bytes: int = 1 << 24
 ) -> None:
     """Write a safetensors file whose tensors are produced slice by slice: `fill(name, start, count)`
-    returns the flat elements [start, start + count) of tensor `name`. Memory: one slice."""
+    returns the flat elements [start, start + count) of tensor `name`, or None for zeros (left as
+    a hole in a sparse file: nothing is written). Memory: one slice."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, shape in specs:
@@ -168,8 +169,12 @@ def write_streaming(
         for name, dtype, shape in specs:
             n, step = math.prod(shape), max(1, chunk_bytes // dtype.itemsize)
             for start in range(0, n, step):
-                part = fill(name, start, min(step, n - start)).to(dtype).contiguous()
-                f.write(memoryview(part.view(torch.uint8).numpy()))
+                part = fill(name, start, min(step, n - start))
+                if part is None:
+                    f.seek(min(step, n - start) * dtype.itemsize, os.SEEK_CUR)
+                    continue
+                f.write(memoryview(part.to(dtype).contiguous().view(torch.uint8).numpy()))
+        f.truncate()  # the file ends after the last tensor even when it is a hole
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:

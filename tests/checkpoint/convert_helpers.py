@@ -91,8 +91,9 @@ def synthetic_llama(
     path: Path, *, hidden=4096, intermediate=14336, layers=2, vocab=40000, dtype=torch.float32
 ) -> Path:
     """A Llama folder with big tensors and few layers (about 3 GB at the defaults), written streaming:
-    each tensor repeats one 4M-element random block, scaled per slice (quantization cost does not
-    depend on the values)."""
+    each linear weight repeats one 4M-element random block, scaled per slice (quantization cost
+    does not depend on the values); the embedding and the head, which stay dense, are zeros left
+    as holes of a sparse file (read back as zeros, but never written to disk)."""
     from qlora_compile.checkpoint._safetensors import write_streaming
 
     path.mkdir(parents=True)
@@ -120,6 +121,8 @@ def synthetic_llama(
     block = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) * 0.02
 
     def fill(name, start, count):
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return None
         if "norm" in name:
             return torch.ones(count)
         reps = -(-count // block.numel())

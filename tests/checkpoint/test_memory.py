@@ -23,7 +23,7 @@ r = qlora_compile.convert_checkpoint(sys.argv[1], sys.argv[2], max_shard_size="5
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"base": base, "peak": peak, "bytes_in": r.bytes_in, "seconds": r.seconds}))
 """
-CONSTANT = 200 * 2**20  # chunk temporaries (16 MB slices and their casts), the meta skeleton, allocator slack
+CONSTANT = 300 * 2**20  # chunk temporaries (16 MB slices and their casts), the meta skeleton, allocator slack
 
 
 @pytest.mark.slow
@@ -49,6 +49,6 @@ def test_3gb_checkpoint_streams(tmp_path):
     grown = m["peak"] - m["base"]
     print(f"peak RSS {m['peak'] / 2**20:.0f} MiB (base {m['base'] / 2**20:.0f} MiB, +{grown / 2**20:.0f} MiB); largest tensor "
           f"{largest / 2**20:.0f} MiB, largest shard {largest_shard / 2**20:.0f} MiB; {m['bytes_in'] / 1e6 / m['seconds']:.0f} MB/s")  # fmt: skip
-    assert grown <= largest + largest_shard + CONSTANT  # the promise
-    assert grown <= largest_shard + CONSTANT  # what it does: the pages read are unmapped slice by slice
-    assert m["peak"] < total / 2  # far from holding the model
+    assert grown <= largest + largest_shard + CONSTANT, m  # the promise
+    assert grown <= largest_shard + CONSTANT, m  # what it does: the pages read are unmapped slice by slice
+    assert m["peak"] < total / 2, m  # far from holding the model
