@@ -5,7 +5,8 @@
     python benchmarks/bench_convert.py [--work DIR] [--skip-3gb] [--json bench_out/convert.json]
 
 Each candidate runs in its own fresh subprocess: throughput is the checkpoint's bytes over the wall
-time of the conversion call (imports excluded; the source is in the page cache for both), peak RSS
+time of the conversion call (imports excluded; the source is synced and read into the page
+cache first, so every candidate reads it from memory), peak RSS
 is the child's `ru_maxrss`, and "base" its RSS after the imports. Ours runs with the default
 `max_shard_size="2GB"` and, on the 3 GB checkpoint, with 500MB too (peak RSS follows the shard). Checkpoints: SmolLM2-135M (real
 weights, fp32, 538 MB) and a synthetic 3 GB fp32 Llama (2 layers, 655 MB embedding and head).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -99,6 +101,11 @@ def main() -> None:
 
     rows = []
     for name, src in checkpoints.items():
+        os.sync()  # the synthetic checkpoint's dirty pages would otherwise be written back during a run
+        for path in src.glob("*.safetensors"):  # into the page cache, for every candidate alike
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
         candidates = ["ours", "ours, max_shard_size=500MB", "transformers"]
         if "SmolLM2" in name:
             candidates.remove("ours, max_shard_size=500MB")  # 169 MB out: one shard either way

@@ -211,7 +211,8 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
     tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
     prefix = getattr(model, "base_model_prefix", "")
     has_prefix = bool(prefix) and any(k.startswith(prefix + ".") for k in keys)
-    items, unmatched = [], []
+    buffers = {n for n, _ in model.named_buffers()}
+    items, unmatched, dropped = [], [], []
     for info in infos:
         key = info.name
         if key not in keys and prefix:
@@ -221,9 +222,12 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
                 key = key[len(prefix) + 1 :]
         if key in tied:
             continue  # a tied copy: transformers does not save it either
-        if key not in keys:
-            unmatched.append(info.name)  # transformers drops these on load ("unexpected keys")
+        if key not in keys and key in buffers:
+            # a non-persistent buffer an older version saved: transformers drops it
+            dropped.append(info.name)
             continue
+        if key not in keys:
+            unmatched.append(info.name)  # perhaps a name transformers renames on load: kept as it is
         if info.dtype not in DTYPES:
             raise ConversionError(f"{info.name} in {info.file.name}: unsupported dtype {info.dtype}")
         module, _, leaf = key.rpartition(".")
@@ -242,9 +246,11 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
         else:
             size = info.numel * torch.empty((), dtype=dtype).element_size()
         items.append(_Item(info, key, dtype, quantize, quantize and chosen[module], size))
+    if dropped:
+        logger.info("dropped non-persistent buffers, as transformers does: %s", ", ".join(dropped))
     if unmatched:
         logger.warning(
-            "%d tensor(s) are not in %s's state dict and are dropped, as transformers does: %s",
+            "%d tensor(s) are not in %s's state dict and are copied unchanged: %s",
             len(unmatched), cls.__name__, ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else ""),
         )  # fmt: skip
     skipped = sorted(

@@ -8,6 +8,7 @@ dequantize, no requantize), and the remaining tensors are assigned from the file
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..modules import QuantizedLinear
 from . import _model
 from .convert import ConversionError, _source_files
 
+logger = logging.getLogger(__name__)
 _STATE = re.compile(r"^(.*)\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
 
 
@@ -121,7 +123,10 @@ def load_quantized(
     if missing:
         raise ConversionError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:5])}")
     if result.unexpected_keys:
-        raise ConversionError(
-            f"{path}: tensors that {cls.__name__} does not have: {', '.join(result.unexpected_keys[:5])}"
+        logger.warning(
+            "%s: tensors that %s does not have are ignored: %s",
+            path,
+            cls.__name__,
+            ", ".join(result.unexpected_keys[:5]),
         )
     return model.to(device).eval()

@@ -95,3 +95,23 @@ def test_bert_encoder_matches_bnb(tmp_path, minilm_dir):
     assert result.quantized_modules == 6 * 6 + 1  # q, k, v, attention output, intermediate, output; pooler
     assert (tmp_path / "dst" / "1_Pooling" / "config.json").exists()
     assert (tmp_path / "dst" / "vocab.txt").read_bytes() == (minilm_dir / "vocab.txt").read_bytes()
+
+
+def test_stale_buffers_dropped_unknown_tensors_kept(tmp_path, llama_src, caplog):
+    """A saved non-persistent buffer is dropped (transformers drops it); a name the model does not
+    know is copied unchanged with a warning (transformers may rename it on load)."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in llama_src.iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    tensors = load_file(llama_src / "model.safetensors")
+    tensors["model.rotary_emb.inv_freq"] = torch.ones(8)
+    tensors["model.layers.0.mlp.gamma"] = torch.full((64,), 2.0)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    qlora_compile.convert_checkpoint(src, tmp_path / "dst", progress=False)
+    out = read_tensors(tmp_path / "dst")
+    assert "model.rotary_emb.inv_freq" not in out
+    assert torch.equal(out["model.layers.0.mlp.gamma"], torch.full((64,), 2.0))
+    assert "copied unchanged: model.layers.0.mlp.gamma" in caplog.text
