@@ -12,15 +12,17 @@ from convert_helpers import synthetic_llama
 from qlora_compile.checkpoint._safetensors import read_header
 
 ROOT = Path(__file__).resolve().parents[2]
-# Runs in a fresh process; the baseline is its RSS after the imports, the peak its ru_maxrss.
+# Runs in a fresh process; the baseline is its RSS after the imports, the peak its VmHWM.
 SCRIPT = """
-import json, resource, sys
+import json, sys
 import psutil
 import qlora_compile, transformers
 transformers.LlamaForCausalLM  # the lazy imports the conversion makes
 base = psutil.Process().memory_info().rss
 r = qlora_compile.convert_checkpoint(sys.argv[1], sys.argv[2], max_shard_size="500MB", progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, this program's peak RSS; ru_maxrss would also count the parent's pages that the forked
+# child held before exec (a 2 GB pytest process made it 2 GB)
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"base": base, "peak": peak, "bytes_in": r.bytes_in, "seconds": r.seconds}))
 """
 CONSTANT = 300 * 2**20  # chunk temporaries (16 MB slices and their casts), the meta skeleton, allocator slack
