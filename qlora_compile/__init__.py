@@ -1,17 +1,21 @@
 """qlora-compile: QLoRA as a compiler pipeline."""
 
 from .adapters import load_adapter, save_adapter
+from .checkpoint import ConversionError, convert_checkpoint, load_quantized
 from .config import QLoRAConfig
 from .format import QuantizedWeight, quantize_weight
 from .lora import QLoRALinear
 from .pipeline import compile
 
 __all__ = [
+    "ConversionError",
     "QLoRAConfig",
     "QLoRALinear",
     "QuantizedWeight",
     "compile",
+    "convert_checkpoint",
     "load_adapter",
+    "load_quantized",
     "quantize_weight",
     "save_adapter",
 ]

@@ -37,7 +37,9 @@ _NF4 = [
     1.0,
 ]
 # FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, divided by its max (12) in fp32.
-_FP4_RAW = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+# Entry 8 (sign bit set, zero) is +0.0 as in bitsandbytes, whose table writes the int `-0`: the
+# quant_map bytes it serializes hold +0 there.
+_FP4_RAW = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
 
 
 @functools.cache

@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import QLoRAConfig
 from .lora import QLoRALinear
+from .modules import QuantizedLinear
 
 logger = logging.getLogger(__name__)
 _wrapper_ids = itertools.count()
@@ -106,7 +107,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 def select_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every module `config.target_modules` selects, in order."""
-    kinds = _linear_kinds()
+    kinds = _linear_kinds() + (QuantizedLinear,)  # already 4-bit (load_quantized): wrapped as they are
     head = _output_head(model)
     targets = config.target_modules
     chosen = []
@@ -155,6 +156,16 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
     rewrites = []
     for name, module in select_targets(model, config):
         kind = type(module).__name__
+        if type(module) is QuantizedLinear:  # keep its bytes: no dequantize / requantize
+            qw = module.quantized_weight
+            layer = QLoRALinear(
+                qw, module.bias, r=config.r, lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout, compute_dtype=config.compute_dtype,
+            )  # fmt: skip
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+            rewrites.append(Rewrite(name, kind, tuple(qw.shape), qw.nbytes, bytes_after=qw.nbytes))
+            continue
         if not isinstance(module, kinds):
             rewrites.append(Rewrite(name, kind, (0, 0), 0, skipped="not an nn.Linear or transformers Conv1D"))
             continue

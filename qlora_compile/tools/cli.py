@@ -4,6 +4,7 @@
     qlora-compile info                             versions and which kernels this machine uses
     qlora-compile inspect MODEL_DIR [--json] [--html OUT.html]   what compile does, without weights
     qlora-compile plan MODEL_DIR|CONFIG_JSON --gpu-memory 48GB   predicted training memory
+    qlora-compile convert SRC DST [options]        HF safetensors folder -> bitsandbytes 4-bit folder
 
 Exit codes: 0 success, 2 bad input (one-line message on stderr), 1 anything else.
 """
@@ -125,6 +126,44 @@ def _positive_int(text: str, flag: str) -> int:
     return value
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from ..checkpoint import convert_checkpoint
+
+    result = convert_checkpoint(
+        args.src,
+        args.dst,
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        double_quant=args.double_quant,
+        compute_dtype=args.compute_dtype,
+        skip=args.skip,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+        progress=not args.no_progress,
+    )
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="HF safetensors folder -> bitsandbytes 4-bit folder (streaming)")
+    p.add_argument("src", type=Path, help="Hugging Face model folder (config.json + safetensors)")
+    p.add_argument("dst", type=Path, help="output folder (written as DST.partial, renamed at the end)")
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    p.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument(
+        "--skip", nargs="+", default=None, metavar="PATTERN", help="modules kept dense, besides the defaults"
+    )
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default: 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf in tensors that stay dense")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-compile", description="QLoRA as a compiler pipeline.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -176,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dense weights' dtype before compile: bfloat16 (default), float16, float32, auto",
     )
     plan.set_defaults(run=_plan)
+    _add_convert(sub)
     return parser
 
 

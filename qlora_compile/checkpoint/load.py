@@ -1,0 +1,132 @@
+"""`load_quantized`: a bitsandbytes 4-bit folder in, a Hugging Face model with our `QuantizedLinear`s out.
+
+Reads what transformers' `save_pretrained` writes for a `load_in_4bit` model (or what
+`convert_checkpoint` writes). The model is built with its parameters on the meta device, each
+quantized module is replaced by a `QuantizedLinear` holding the file's bytes as they are (no
+dequantize, no requantize), and the remaining tensors are assigned from the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..format import QuantizedWeight
+from ..modules import QuantizedLinear
+from . import _model
+from .convert import ConversionError, _source_files
+
+logger = logging.getLogger(__name__)
+_STATE = re.compile(r"^(.*)\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
+
+
+def _read_all(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    tensors = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except SafetensorError as e:
+            raise ConversionError(f"{path}: cannot read ({e})") from None
+    return tensors
+
+
+def _rename(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Add or strip `base_model_prefix` when the file and the model class disagree about it."""
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    prefix = getattr(model, "base_model_prefix", "")
+    if (
+        not prefix
+        or not tensors
+        or any(k in names for k in tensors if not k.endswith((".absmax", ".quant_map")))
+    ):
+        return tensors
+    has_prefix = any(n.startswith(prefix + ".") for n in names)
+    if has_prefix:
+        return {f"{prefix}.{k}": v for k, v in tensors.items()}
+    return {k.removeprefix(prefix + "."): v for k, v in tensors.items()}
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    *,
+    model_class: type | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a bitsandbytes 4-bit Hugging Face folder into the model class, with our `QuantizedLinear`s.
+
+    Args:
+        path: a folder with config.json (quantization_config: bitsandbytes, load_in_4bit) and
+            model.safetensors or shards with an index.
+        model_class: the class to build (default: `config.architectures[0]`, else
+            `AutoModelForCausalLM`'s class for the config); a transformers Auto class works too.
+        dtype: cast the dense (non-quantized) floating tensors to this dtype (default: as stored).
+        device: where the model goes.
+
+    Returns:
+        The model in eval mode; each quantized linear is a `QuantizedLinear` whose buffers hold the
+        file's bytes. `qlora_compile.compile(model)` turns them into QLoRA layers without
+        requantizing.
+    """
+    import transformers
+
+    path = Path(path)
+    files = _source_files(path)
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    quant = getattr(config, "quantization_config", None) or {}
+    if not isinstance(quant, dict):
+        quant = quant.to_dict()
+    if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit"):
+        raise ConversionError(
+            f"{path}: not a bitsandbytes 4-bit checkpoint (config.json quantization_config)"
+        )
+    if model_class is not None and hasattr(model_class, "_model_mapping"):  # an Auto class
+        model_class = model_class._model_mapping[type(config)]
+    cls = model_class or _model.model_class(config)
+    model = _model.skeleton(config, cls, real_buffers=True)
+    tensors = _rename(_read_all(files), model)
+    for key in [k for k in tensors if _STATE.match(k)]:
+        prefix = _STATE.match(key).group(1)
+        entries = {k: tensors.pop(k) for k in list(tensors) if k.startswith(prefix + ".weight")}
+        qw = QuantizedWeight.from_bnb(entries, prefix)
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError:
+            raise ConversionError(
+                f"{path}: {prefix} is quantized in the file but is not a module of {cls.__name__}"
+            ) from None
+        if not isinstance(module, _model.linear_kinds()):
+            raise ConversionError(
+                f"{path}: {prefix} is quantized in the file but is a {type(module).__name__}"
+            )
+        bias = tensors.pop(f"{prefix}.bias", None)
+        if bias is not None and dtype is not None:
+            bias = bias.to(dtype)
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, QuantizedLinear(qw, bias))
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if getattr(model, "tie_weights", None) is not None:
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing += [n for n, b in model.named_buffers() if b is not None and b.device.type == "meta"]
+    if missing:
+        raise ConversionError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:5])}")
+    if result.unexpected_keys:
+        logger.warning(
+            "%s: tensors that %s does not have are ignored: %s",
+            path,
+            cls.__name__,
+            ", ".join(result.unexpected_keys[:5]),
+        )
+    return model.to(device).eval()
