@@ -5,8 +5,8 @@
 3. `qlora_compile.compile` it: LoRA on every linear layer but the output head, and our graph
    passes under torch.compile. The backend after the passes is "eager" by default: Inductor's
    C++ compile of this model takes about 4 minutes on 2 cores (longer than the whole demo may
-   run), and "aot_eager" traced for about twice as long as "eager" here (100 s against 45 s on a
-   busy 2-core machine) for no faster step.
+   run), and "aot_eager"'s first step (the trace) took about 1.5 times as long as "eager"'s here
+   (140 s against 90 s at 4 x 64 tokens on a busy 2-core machine), its later steps no faster.
 4. Fine-tune `steps` steps on question/answer pairs of `chatterbot-corpus`, formatted with the
    model's chat template, the loss on the answers only; `model.qlora.step()` after each backward.
 5. Held-out loss (pairs never trained on) before and after.
