@@ -102,8 +102,9 @@ def parse_pairs(files: list[Path]) -> list[tuple[str, str]]:
 def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one exchange; labels are IGNORE on the prompt.
 
-    With a chat template: the ids of [user, assistant] messages, and the prompt part is the ids of
-    [user] with the generation prompt (checked to be a prefix). Without one: "Question: ...
+    With a chat template: the ids of [system (SYSTEM), user, assistant] messages; the prompt part
+    is the ids of [system, user] with the generation prompt (checked to be a prefix), so the
+    answer's labels include the template's end-of-turn tokens. Without one: "Question: ...
     Answer:" then " <answer>" and the EOS token.
     """
     if getattr(tokenizer, "chat_template", None):
@@ -256,7 +257,7 @@ def run(out: Path, cfg: DemoConfig | None = None, console: Console | None = None
     model, quantized_by = _quantize_step(folder, out)  # 2
     lap("quantize")
     # 3: traced on the first call. No gradient checkpointing: this model's activations are small,
-    # and recomputing them would cost a third more time per step.
+    # and recomputing them would add a forward pass to every step.
     qlora_compile.compile(model, r=cfg.r, lr=cfg.lr, backend=cfg.backend, gradient_checkpointing=False)
     totals = model.qlora.report().totals()
     console.print(
