@@ -1,13 +1,14 @@
-"""The command line: `info`, and `demo` end to end on the packaged SmolLM2 (small settings)."""
+"""The command line: `info`, and the `demo` job's pieces plus a tiny end-to-end run."""
 
 import json
 import shutil
-import subprocess
-import sys
+import struct
+import zlib
 
 import pytest
+import torch
 
-from qlora_compile.tools import cli
+from qlora_compile.tools import cli, demo
 
 
 def test_info_reports_kernels(capsys):
@@ -17,32 +18,110 @@ def test_info_reports_kernels(capsys):
 
 
 def test_bad_input_exits_2(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--tokens", "1"]) == 2
-    assert "--tokens and --window must be at least 2" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(tmp_path), "--steps", "0"]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
 
 
-def test_demo_end_to_end(tmp_path, smollm2_dir):
-    """Real SmolLM2-135M weights: NF4 beats FP4, double quantization costs ~nothing, 4.127 bits."""
-    shutil.copytree(smollm2_dir, tmp_path / smollm2_dir.name)  # the demo reuses a built folder
-    cmd = [
-        sys.executable,
-        "-m",
-        "qlora_compile.tools.cli",
-        "demo",
-        "--out",
-        str(tmp_path),
-        "--tokens",
-        "512",
-        "--window",
-        "256",
+def test_parse_pairs(tmp_path):
+    """Each turn answers the one before; numbers read by YAML become text; repeats are kept once."""
+    (tmp_path / "a.yml").write_text(
+        "categories:\n- x\nconversations:\n"
+        "- - Hello\n  - Hi there\n  - How are you?\n"
+        "- - When?\n  - 1963\n"
+        "- - Hello\n  - Hi there\n"
+        "- - Alone\n"
+    )
+    (tmp_path / "b.yml").write_text("conversations:\n- - Q\n  - ''\n- - Q2\n  - A2\n")
+    assert demo.parse_pairs([tmp_path / "a.yml", tmp_path / "b.yml"]) == [
+        ("Hello", "Hi there"),
+        ("Hi there", "How are you?"),
+        ("When?", "1963"),
+        ("Q2", "A2"),
     ]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+
+
+class CharTokenizer:
+    """One token per character; a chat template `<role>:content|` per message."""
+
+    eos_token_id = 0
+
+    def __init__(self, template: bool):
+        self.chat_template = "yes" if template else None
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+        text = "".join(f"{m['role'][0]}:{m['content']}|" for m in messages)
+        return [ord(c) for c in text + ("a:" if add_generation_prompt else "")]
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_encode_pair_masks_the_prompt():
+    ids, labels = demo.encode_pair(CharTokenizer(template=True), "Hi", "Yo")
+    text = f"s:{demo.SYSTEM}|u:Hi|a:Yo|"
+    assert ids == [ord(c) for c in text]
+    assert labels == [-100] * (len(text) - 3) + [ord("Y"), ord("o"), ord("|")]
+    ids, labels = demo.encode_pair(CharTokenizer(template=False), "Hi", "Yo")
+    head = [ord(c) for c in "Question: Hi\nAnswer:"]
+    assert ids == head + [ord(" "), ord("Y"), ord("o"), 0]
+    assert labels == [-100] * len(head) + [ord(" "), ord("Y"), ord("o"), 0]
+
+
+def test_encode_pair_with_smollm2_template(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids, labels = demo.encode_pair(tokenizer, "What is AI?", "A branch of science.")
+    answer = [t for t in labels if t != -100]
+    assert labels[: len(ids) - len(answer)] == [-100] * (len(ids) - len(answer))
+    assert ids[len(ids) - len(answer) :] == answer
+    assert tokenizer.decode(answer) == "A branch of science.<|im_end|>\n"
+    assert tokenizer.decode(ids[: len(ids) - len(answer)]).endswith(
+        "What is AI?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_collate_pads_to_a_fixed_length():
+    batch = demo.collate([([5, 6, 7], [-100, 6, 7]), ([8], [8])], length=4, pad_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2], [8, 2, 2, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_loss_png_is_a_valid_image(tmp_path):
+    path = tmp_path / "loss.png"
+    demo.write_loss_png(path, [3.0, 2.5, float("nan"), 2.0], 3.2, 2.1, w=100, h=60)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", data[16:24]) == (100, 60)
+    idat = data.index(b"IDAT")
+    size = struct.unpack(">I", data[idat - 4 : idat])[0]
+    raw = zlib.decompress(data[idat + 4 : idat + 4 + size])
+    assert len(raw) == 60 * (1 + 3 * 100) and raw != bytes(len(raw))
+
+
+def test_demo_end_to_end(tmp_path, smollm2_dir, monkeypatch):
+    """The whole job through the command line, 2 steps on a few pairs, with SmolLM2's real weights
+    and tokenizer cut to its first 2 decoder layers (the full model's trace and steps take minutes
+    on 2 cores): every output lands in the folder, and the answer-only loss is a sane number."""
+    import transformers
+
+    def two_layers(src, out):
+        config = transformers.AutoConfig.from_pretrained(src)
+        config.num_hidden_layers = 2
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, config=config, dtype=torch.bfloat16)
+        return model, "in memory (test: 2 layers)"
+
+    monkeypatch.setattr(demo, "_quantize_step", two_layers)
+    shutil.copytree(smollm2_dir, tmp_path / smollm2_dir.name)  # the demo reuses a built folder
+    args = ["demo", "--out", str(tmp_path), "--steps", "2", "--batch-size", "2", "--eval-pairs", "2"]
+    args += ["--train-pairs", "4", "--max-length", "40", "--max-new-tokens", "2"]
+    assert cli.main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    rows = {r["variant"]: r for r in summary["rows"]}
-    dense = rows["fp32 (GGUF dequantized)"]["perplexity"]
-    assert rows["NF4 + DQ"]["bits_per_param"] == pytest.approx(4.127, abs=1e-3)
-    assert rows["NF4"]["bits_per_param"] == pytest.approx(4.5, abs=1e-3)
-    assert dense < rows["NF4 + DQ"]["perplexity"] < rows["FP4 + DQ"]["perplexity"]
-    assert abs(rows["NF4 + DQ"]["perplexity"] / rows["NF4"]["perplexity"] - 1) < 0.01
-    assert (tmp_path / "report.md").read_text().startswith("SmolLM2-135M-Instruct")
-    assert summary["answers"]["fp32"] and summary["answers"]["NF4 + DQ"]
+    assert summary["layers"] == 14 and summary["bits_per_param"] == pytest.approx(4.127, abs=1e-3)
+    assert len(summary["train_losses"]) == 2 and summary["train_pairs"] == 4
+    assert all(0 < x < 30 for x in [summary["held_out_loss_before"], summary["held_out_loss_after"]])
+    assert summary["answers"]["prompt"] and set(summary["timings"]) >= {"fine-tune", "total"}
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "report.md").read_text().startswith("# qlora-compile demo")
