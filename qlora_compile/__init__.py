@@ -2,6 +2,7 @@
 
 from .adapters import load_adapter, save_adapter
 from .config import QLoRAConfig
+from .export import export_merged, export_nf4, export_onnx
 from .format import QuantizedWeight, quantize_weight
 from .lora import QLoRALinear
 from .pipeline import compile
@@ -11,6 +12,9 @@ __all__ = [
     "QLoRALinear",
     "QuantizedWeight",
     "compile",
+    "export_merged",
+    "export_nf4",
+    "export_onnx",
     "load_adapter",
     "quantize_weight",
     "save_adapter",

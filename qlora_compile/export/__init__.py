@@ -2,5 +2,6 @@
 
 from .merged import export_merged
 from .nf4 import LayerReport, export_nf4, format_report
+from .onnx import export_onnx
 
-__all__ = ["LayerReport", "export_merged", "export_nf4", "format_report"]
+__all__ = ["LayerReport", "export_merged", "export_nf4", "export_onnx", "format_report"]

@@ -70,6 +70,16 @@ def bnb_quantization_config(base, dtype: torch.dtype, quant_type: str, double_qu
     }
 
 
+def requantized(base, adapter, module: str, dtype: torch.dtype | None):
+    """(merged weight re-quantized with the base layer's settings, its LayerReport, the base 4-bit weight)."""
+    merged, delta, qw = merged_weight(base, adapter, module, dtype)
+    new = quantize_weight(
+        merged, quant_type=qw.quant_type, blocksize=qw.blocksize, double_quant=qw.double_quant
+    )
+    error = merged.float() - new.dequantize(torch.float32)
+    return new, LayerReport(module, float(delta.norm()), float(error.norm())), qw
+
+
 def export_nf4(
     base: str | Path,
     adapter: str | Path | None,
@@ -105,12 +115,8 @@ def export_nf4(
                 writer.add(name, cast(base_model.tensor(name), dtype))
                 continue
             if lora is not None and name in lora.pairs:
-                merged, delta, qw = merged_weight(base_model, lora, name, dtype)
-                new = quantize_weight(
-                    merged, quant_type=qw.quant_type, blocksize=qw.blocksize, double_quant=qw.double_quant
-                )
-                error = merged.float() - new.dequantize(torch.float32)
-                reports.append(LayerReport(name, float(delta.norm()), float(error.norm())))
+                new, report, qw = requantized(base_model, lora, name, dtype)
+                reports.append(report)
                 entries = new.to_bnb(name)
             elif base_model.bnb:
                 qw = base_model.quantized_weight(name)
