@@ -4,7 +4,7 @@ The folder is what transformers' bitsandbytes 4-bit `save_pretrained` writes (th
 keys and config.json `quantization_config`), so `from_pretrained(out)` with bitsandbytes installed
 loads it. Re-quantizing adds a quantization error of the size of the one the adapter was trained
 over; when it is larger than the update the adapter made (`|dW| / |error|` below 1) much of the
-fine-tune is lost, so the ratio is reported per layer.
+fine-tune is lost, so the ratio is reported per layer, with the share of the update that survives.
 """
 
 from __future__ import annotations
@@ -14,39 +14,68 @@ from pathlib import Path
 
 import torch
 
-from ..format import quantize_weight
+from ..codes import code4
+from ..format import QuantizedWeight, quantize_weight
 from ._base import SafetensorsWriter, copy_side_files, output_folder, parse_dtype, progress
 from .merged import cast, merged_weight, open_inputs, write_config
 
 
 @dataclass
 class LayerReport:
-    """One merged layer: the norm of its LoRA update and of the error re-quantizing it added."""
+    """One merged layer: its LoRA update against the 4-bit rounding noise of re-quantizing it.
+
+    Attributes:
+        delta_norm: |dW|, the Frobenius norm of scaling * B @ A.
+        noise_norm: the expected norm of the rounding error that re-quantization adds: each
+            element is rounded within its code's cell (width w times its block's absmax), an
+            error of RMS w * absmax / sqrt(12). Computed from the re-quantized weight's codes.
+        kept: the share of dW that survives re-quantization, <Q(W+dW) - Q(W), dW> / |dW|^2
+            (Q(W): the dequantized base weight the adapter was trained over).
+    """
 
     module: str
     delta_norm: float
-    error_norm: float
+    noise_norm: float
+    kept: float
 
     @property
     def ratio(self) -> float:
-        return self.delta_norm / self.error_norm if self.error_norm > 0 else float("inf")
+        """|dW| / |quantization error|: well below 1, re-quantizing erases much of the update."""
+        return self.delta_norm / self.noise_norm if self.noise_norm > 0 else float("inf")
+
+
+def _cell_widths(quant_type: str) -> torch.Tensor:
+    """Width of each 4-bit code's rounding cell (in units of absmax), indexed by code."""
+    values, order = code4(quant_type).float().sort()
+    mids = (values[1:] + values[:-1]) / 2
+    lower = torch.cat([values[:1], mids])
+    upper = torch.cat([mids, values[-1:]])
+    widths = torch.empty(16)
+    widths[order] = upper - lower
+    return widths
+
+
+def quantization_noise(qw: QuantizedWeight) -> float:
+    """Expected norm of the rounding error of a weight quantized to these codes."""
+    p = qw.packed.view(-1)
+    codes = torch.stack([p >> 4, p & 15], dim=1).view(-1)[: qw.numel].long()
+    scale = qw.absmax_fp32().repeat_interleave(qw.blocksize)[: qw.numel]
+    cell = _cell_widths(qw.quant_type)[codes] * scale
+    return float(cell.square().sum().div(12).sqrt())
 
 
 def format_report(layers: list[LayerReport]) -> str:
     """A table of the per-layer ratios, with a closing line on how many fall below 1."""
     width = max((len(r.module) for r in layers), default=6)
-    lines = [f"{'layer':<{width}}  {'|dW|':>10}  {'|requant err|':>13}  {'ratio':>7}"]
+    lines = [f"{'layer':<{width}}  {'|dW|':>10}  {'|quant err|':>11}  {'ratio':>7}  {'kept':>6}"]
     lines += [
-        f"{r.module:<{width}}  {r.delta_norm:10.4g}  {r.error_norm:13.4g}  {r.ratio:7.3f}" for r in layers
+        f"{r.module:<{width}}  {r.delta_norm:10.4g}  {r.noise_norm:11.4g}  {r.ratio:7.3f}  {r.kept:6.1%}"
+        for r in layers
     ]
     low = [r for r in layers if r.ratio < 1]
     lines.append(
-        f"{len(low)} of {len(layers)} merged layers have |dW| / |requantization error| < 1: "
-        + (
-            "re-quantizing erases much of their fine-tune"
-            if low
-            else "the update stands above the 4-bit noise"
-        )
+        f"{len(low)} of {len(layers)} merged layers have |dW| / |quantization error| < 1"
+        + (": re-quantizing erases much of their fine-tune" if low else "")
     )
     return "\n".join(lines)
 
@@ -76,8 +105,10 @@ def requantized(base, adapter, module: str, dtype: torch.dtype | None):
     new = quantize_weight(
         merged, quant_type=qw.quant_type, blocksize=qw.blocksize, double_quant=qw.double_quant
     )
-    error = merged.float() - new.dequantize(torch.float32)
-    return new, LayerReport(module, float(delta.norm()), float(error.norm())), qw
+    moved = new.dequantize(torch.float32) - qw.dequantize(torch.float32)
+    d2 = float(delta.square().sum())
+    kept = float((moved * delta).sum()) / d2 if d2 > 0 else 1.0
+    return new, LayerReport(module, d2**0.5, quantization_noise(new), kept), qw
 
 
 def export_nf4(
