@@ -72,7 +72,7 @@ def translation_table() -> dict:
             raise ValueError("MatMulBnb4 takes plain absmax: de-nest double-quantized weights before export")
         y = ms.MatMulBnb4(
             x,
-            op.Reshape(packed, op.Constant(value_ints=[-1])),
+            packed,  # 1-D: _plain_absmax views it so (the operator reads (N * K + 1) / 2 bytes)
             absmax,
             K=shape[1],
             N=shape[0],
@@ -213,6 +213,8 @@ def export_onnx(
         raise RuntimeError(
             f"expected {len(base_model.quantized)} MatMulBnb4 nodes, the exporter made {counts['MatMulBnb4']}"
         )
+    for node in program.model.graph.all_nodes():  # the exporter's stack traces: 2 kB a node
+        node.metadata_props.clear()
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

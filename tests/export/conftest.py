@@ -6,7 +6,7 @@ import transformers
 
 import qlora_compile
 
-VOCAB = 256
+VOCAB = 320
 
 
 def tiny_llama(tie: bool = True) -> transformers.LlamaForCausalLM:
