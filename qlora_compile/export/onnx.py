@@ -155,6 +155,25 @@ def build_model(base: BaseModel, adapter=None, merge: bool = False) -> nn.Module
     return model.eval()
 
 
+def _light_optimize(model) -> None:
+    """Constant folding and clean-up (what torch.onnx's optimize does, without the pattern
+    rewriter: ONNX Runtime fuses at session creation anyway)."""
+    import onnx_ir as ir
+    from onnx_ir.passes import common
+    from onnxscript.optimizer import fold_constants
+
+    fold_constants(model)
+    ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(),
+        common.RemoveUnusedFunctionsPass(),
+        common.RemoveUnusedOpsetsPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.NameFixPass(),
+    )(model)
+
+
 class _Logits(nn.Module):
     """forward(input_ids, attention_mask) -> logits (or the last hidden state), no cache."""
 
@@ -206,8 +225,10 @@ def export_onnx(
         output_names=["logits"],
         dynamic_shapes={"input_ids": axes, "attention_mask": axes},
         custom_translation_table=translation_table(),
+        optimize=False,  # onnxscript's pattern rewriter takes minutes on a 30-layer model
         verbose=False,
     )
+    _light_optimize(program.model)
     counts = Counter(node.op_type for node in program.model_proto.graph.node)
     if counts["MatMulBnb4"] != len(base_model.quantized):
         raise RuntimeError(
