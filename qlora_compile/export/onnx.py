@@ -130,20 +130,15 @@ def build_model(base: BaseModel, adapter=None, merge: bool = False) -> nn.Module
     result = model.load_state_dict(dense, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    loaded = set(dense)
-    aliases: dict[int, set[str]] = {}
+    # every entry the model expects is loaded, is a 4-bit layer's (set above), or ties to a loaded one
+    names: dict[int, set[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), set()).add(n)
+        names.setdefault(id(p), set()).add(n)
+    tied_to_loaded = {n for group in names.values() if group & set(dense) for n in group}
     missing = [
         k
         for k in result.missing_keys
-        if k.rpartition(".")[0] not in quantized
-        and not (k.endswith(".weight") and k.rpartition(".")[0].rpartition(".")[0] in quantized)  # lora_A/B
-        and not any(
-            aliases.get(id(p), set()) & loaded
-            for n, p in model.named_parameters(remove_duplicate=False)
-            if n == k
-        )
+        if k not in tied_to_loaded and not any(k.startswith(f"{q}.") for q in quantized)
     ]
     if missing or result.unexpected_keys:
         raise ValueError(
