@@ -207,7 +207,7 @@ def export_onnx(
         raise ValueError("--merge needs an adapter")
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
     progress(f"building {base_model.config.model_type} with {len(base_model.quantized)} 4-bit linear layers")
-    model = _Logits(build_model(base_model, lora, merge))
+    model = _Logits(build_model(base_model, lora, merge)).eval()
     ids = torch.zeros((2, 8), dtype=torch.long)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     axes = {0: batch, 1: seq}

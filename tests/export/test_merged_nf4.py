@@ -154,3 +154,30 @@ def test_adapter_that_does_not_fit(llama_dir, trained, tmp_path, capsys):
     argv[5] = str(tmp_path / "nowhere")
     assert cli.main(argv) == 2
     assert "adapter_config.json does not exist" in capsys.readouterr().err
+
+
+def test_fp4_without_double_quant_and_sharded_base(llama_dir, tmp_path):
+    """The quantization options reach the base as compile used them; a sharded base reads the same."""
+    from conftest import tiny_llama
+
+    sharded = tmp_path / "sharded"
+    tiny_llama().save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    options = dict(quant_type="fp4", blocksize=128, double_quant=False)
+    model = compiled_with_adapter(llama_dir, **options)
+    qlora_compile.save_adapter(model, tmp_path / "adapter")
+    argv = ["export", "merged", "--base", str(sharded), "--adapter", str(tmp_path / "adapter")]
+    argv += [
+        "--out",
+        str(tmp_path / "merged"),
+        "--quant-type",
+        "fp4",
+        "--blocksize",
+        "128",
+        "--no-double-quant",
+    ]
+    assert cli.main(argv) == 0
+    ids = input_ids(2, 9)
+    torch.testing.assert_close(
+        logits(load(tmp_path / "merged"), ids), logits(model, ids), atol=2e-6, rtol=1e-5
+    )
