@@ -263,13 +263,12 @@ class Adapter:
         a, b = self.pairs[module]["A"].float(), self.pairs[module]["B"].float()
         return (b @ a) * self.scaling(module)
 
-    def check_fits(self, base: BaseModel, quantized_only: bool = True) -> None:
-        """Every adapter module is a (quantized) linear of the base, with matching shapes."""
+    def check_fits(self, base: BaseModel) -> None:
+        """Every adapter module is a quantized linear of the base, with matching shapes."""
         problems = []
         for module, p in self.pairs.items():
             if module not in base.quantized:
-                where = "a quantized linear" if quantized_only else "a linear"
-                problems.append(f"{module} is not {where} of the base")
+                problems.append(f"{module} is not a quantized linear of the base")
                 continue
             a, b = p["A"], p["B"]
             shape = _out_in(base, module)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -181,6 +182,20 @@ class _Logits(nn.Module):
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
+def _export(model: nn.Module, ids: torch.Tensor, axes: dict):
+    return torch.onnx.export(
+        model,
+        (ids, torch.ones_like(ids)),
+        dynamo=True,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+        custom_translation_table=translation_table(),
+        optimize=False,  # onnxscript's pattern rewriter takes minutes on a 30-layer model
+        verbose=False,
+    )
+
+
 def export_onnx(
     base: str | Path,
     adapter: str | Path | None,
@@ -212,17 +227,9 @@ def export_onnx(
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     axes = {0: batch, 1: seq}
     progress("exporting with torch.onnx (dynamo)")
-    program = torch.onnx.export(
-        model,
-        (ids, torch.ones_like(ids)),
-        dynamo=True,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        dynamic_shapes={"input_ids": axes, "attention_mask": axes},
-        custom_translation_table=translation_table(),
-        optimize=False,  # onnxscript's pattern rewriter takes minutes on a 30-layer model
-        verbose=False,
-    )
+    with warnings.catch_warnings():  # the exporter's notes on torchvision, axis names, deprecations
+        warnings.simplefilter("ignore")
+        program = _export(model, ids, axes)
     _light_optimize(program.model)
     counts = Counter(node.op_type for node in program.model_proto.graph.node)
     if counts["MatMulBnb4"] != len(base_model.quantized):
