@@ -9,7 +9,7 @@ import qlora_compile
 VOCAB = 320
 
 
-def tiny_llama(tie: bool = True) -> transformers.LlamaForCausalLM:
+def tiny_llama(tie: bool = True, bias: bool = False) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=128,
@@ -19,7 +19,8 @@ def tiny_llama(tie: bool = True) -> transformers.LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
-        attention_bias=False,
+        attention_bias=bias,
+        mlp_bias=bias,
     )
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(config).eval()

@@ -165,3 +165,21 @@ def test_fused_lora_linear_translates(tmp_path):
         ref = Fused()(x)
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_biases_untied_head_no_adapter(tmp_path):
+    """Biases on every linear and an untied head, against transformers with our 4-bit linears."""
+    from conftest import tiny_llama
+
+    from qlora_compile.modules import quantize_linears_
+
+    model = tiny_llama(tie=False, bias=True)
+    model.save_pretrained(tmp_path / "base")
+    out = qlora_compile.export_onnx(tmp_path / "base", None, tmp_path / "m.onnx")
+    assert quantize_linears_(model) and model.model.layers[0].mlp.up_proj.bias is not None
+    check_only_4bit(out, model)
+    session = run(out, None, None)
+    for ids, mask in shapes():
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(session(ids, mask)[mask.bool()], ref[mask.bool()], atol=2e-5, rtol=1e-4)
