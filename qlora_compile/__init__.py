@@ -3,6 +3,7 @@
 from .adapters import load_adapter, save_adapter
 from .checkpoint import ConversionError, convert_checkpoint, load_quantized
 from .config import QLoRAConfig
+from .export import export_merged, export_nf4, export_onnx
 from .format import QuantizedWeight, quantize_weight
 from .lora import QLoRALinear
 from .pipeline import compile
@@ -14,6 +15,9 @@ __all__ = [
     "QuantizedWeight",
     "compile",
     "convert_checkpoint",
+    "export_merged",
+    "export_nf4",
+    "export_onnx",
     "load_adapter",
     "load_quantized",
     "quantize_weight",

@@ -5,6 +5,8 @@
     qlora-compile inspect MODEL_DIR [--json] [--html OUT.html]   what compile does, without weights
     qlora-compile plan MODEL_DIR|CONFIG_JSON --gpu-memory 48GB   predicted training memory
     qlora-compile convert SRC DST [options]        HF safetensors folder -> bitsandbytes 4-bit folder
+    qlora-compile export merged|nf4|onnx --base DIR [--adapter DIR] --out PATH
+                                                   merged 16-bit folder, NF4 folder, ONNX graph
 
 Exit codes: 0 success, 2 bad input (one-line message on stderr), 1 anything else.
 """
@@ -172,6 +174,58 @@ def _demo_defaults() -> dict:
     return {f.name: f.default for f in dataclasses.fields(DemoConfig)}
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .. import export
+
+    quant = dict(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant)
+    if args.format == "merged":
+        out = export.export_merged(args.base, args.adapter, args.out, dtype=args.dtype, **quant)
+    elif args.format == "nf4":
+        out, layers = export.export_nf4(args.base, args.adapter, args.out, dtype=args.dtype, **quant)
+        if layers:
+            print(export.format_report(layers))
+    else:
+        out = export.export_onnx(args.base, args.adapter, args.out, merge=args.merge, **quant)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    export = sub.add_parser(
+        "export", help="merged 16-bit / NF4 folders or ONNX from a base and a LoRA adapter"
+    )
+    formats = export.add_subparsers(dest="format", required=True)
+    helps = {
+        "merged": "merge the adapter onto the dequantized 4-bit base: a plain 16-bit HF folder",
+        "nf4": "merge, then re-quantize: a bitsandbytes 4-bit HF folder (prints |dW| / |requant error|)",
+        "onnx": "an ONNX graph with com.microsoft.MatMulBnb4 for every 4-bit linear",
+    }
+    for name, text in helps.items():
+        p = formats.add_parser(name, help=text)
+        p.add_argument(
+            "--base", type=Path, required=True, help="16-bit HF folder or bitsandbytes 4-bit folder"
+        )
+        p.add_argument(
+            "--adapter", type=Path, required=name != "onnx", help="PEFT-format LoRA adapter folder"
+        )
+        p.add_argument(
+            "--out", type=Path, required=True, help="output folder" + (" (.onnx file)" * (name == "onnx"))
+        )
+        if name == "onnx":
+            p.add_argument(
+                "--merge", action="store_true", help="merge the adapter and re-quantize (no LoRA branch)"
+            )
+        else:
+            p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                           help="dtype of the written weights (default: the base's)")  # fmt: skip
+        p.add_argument(
+            "--quant-type", default="nf4", choices=["nf4", "fp4"], help="for a 16-bit base (default: nf4)"
+        )
+        p.add_argument("--blocksize", type=int, default=64, help="for a 16-bit base (default: 64)")
+        p.add_argument("--no-double-quant", action="store_true", help="for a 16-bit base: plain fp32 absmax")
+        p.set_defaults(run=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-compile", description="QLoRA as a compiler pipeline.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -245,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.set_defaults(run=_plan)
     _add_convert(sub)
+    _add_export(sub)
     return parser
 
 

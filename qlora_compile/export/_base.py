@@ -1,0 +1,361 @@
+"""Reading a base model folder and a LoRA adapter for export, tensor by tensor; writing outputs.
+
+A base folder is either a 16-bit Hugging Face folder (each target linear is quantized here exactly
+as `qlora_compile.compile` quantizes it) or a bitsandbytes 4-bit folder (config.json carries
+`quantization_config`; each quantized linear is a group of `<module>.weight*` entries, rebuilt with
+`QuantizedWeight.from_bnb`). Tensors are read one at a time through `safetensors.safe_open`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..adapters import CONFIG_NAME as ADAPTER_CONFIG
+from ..adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from ..codes import BLOCKSIZES, QUANT_TYPES
+from ..format import QuantizedWeight, quantize_weight
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
+_STATE_KEY = re.compile(r"^(.*)\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """None / "auto" (keep each tensor's dtype) or one of float32, float16, bfloat16."""
+    if name is None or name == "auto" or isinstance(name, torch.dtype):
+        return None if name == "auto" else name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How a 16-bit base is quantized (ignored for a bitsandbytes base, which carries its own)."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+
+
+def model_class(config):
+    """The transformers class named in config.architectures (else AutoModelForCausalLM's choice)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def empty_model(config, device: str = "meta"):
+    """The model with uninitialized weights (on `device`: "meta" allocates nothing)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    cls = model_class(config)
+    with no_init_weights(), torch.device(device):
+        model = cls(config)
+    return model.eval()
+
+
+class BaseModel:
+    """A base model folder: its config, its tensors by name, and which linears are quantized.
+
+    Args:
+        directory: a 16-bit HF folder or a bitsandbytes 4-bit folder (safetensors only).
+        options: quantization of a 16-bit base's target linears (compile's defaults).
+    """
+
+    def __init__(self, directory: str | Path, options: QuantOptions | None = None):
+        import transformers
+
+        self.dir = Path(directory)
+        self.options = options or QuantOptions()
+        if not (self.dir / "config.json").exists():
+            raise FileNotFoundError(f"{self.dir / 'config.json'} does not exist (not a model folder)")
+        self.config_dict = json.loads((self.dir / "config.json").read_text())
+        qc = self.config_dict.get("quantization_config")
+        self.bnb = qc is not None
+        if self.bnb and not (qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")):
+            raise ValueError(f"{self.dir}: only bitsandbytes 4-bit quantized folders are supported, got {qc}")
+        self.config = transformers.AutoConfig.from_pretrained(self.dir)
+        if hasattr(self.config, "quantization_config"):
+            del self.config.quantization_config
+        self.files = self._weight_files()
+        self._where: dict[str, Path] = {}
+        for f in self.files:
+            with safe_open(str(f), "pt") as st:
+                for k in st.keys():  # noqa: SIM118 (safe_open objects are not iterable)
+                    self._where[k] = f
+        self.quantized = self._find_quantized()  # module name -> its weight keys (bnb base)
+        self.linears, self.conv1d, self.head = self._linear_modules()
+        if not self.bnb:
+            missing = [m for m in self.linears if f"{m}.weight" not in self._where]
+            if missing:
+                raise ValueError(f"{self.dir}: no weight for module(s) {missing[:5]}")
+            self.quantized = {m: [f"{m}.weight"] for m in self.linears}
+
+    def _weight_files(self) -> list[Path]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [self.dir / f for f in dict.fromkeys(weight_map.values())]
+        single = self.dir / "model.safetensors"
+        if single.exists():
+            return [single]
+        raise FileNotFoundError(f"{self.dir}: no {' or '.join(_WEIGHT_FILES)} (only safetensors are read)")
+
+    def _find_quantized(self) -> dict[str, list[str]]:
+        if not self.bnb:
+            return {}
+        groups: dict[str, list[str]] = {}
+        for key in self._where:
+            m = _STATE_KEY.match(key)
+            if m:
+                groups[m.group(1)] = []
+        for key in self._where:
+            prefix = key.rsplit(".weight", 1)[0]
+            if prefix in groups and (key == f"{prefix}.weight" or key.startswith(f"{prefix}.weight.")):
+                groups[prefix].append(key)
+        if not groups:
+            raise ValueError(
+                f"{self.dir}: config.json has quantization_config but no 4-bit weights were found"
+            )
+        return groups
+
+    def _linear_modules(self) -> tuple[list[str], set[str], set[str]]:
+        """(linears compile() would quantize, which of the model's linears are Conv1D, output head names)."""
+        from ..config import QLoRAConfig
+        from ..pipeline import _linear_kinds, _output_head, select_targets
+
+        model = empty_model(self.config)
+        head = _output_head(model)
+        heads = {n for n, m in model.named_modules() if m is head and head is not None}
+        kinds = _linear_kinds()
+        conv1d = {
+            n for n, m in model.named_modules() if isinstance(m, kinds) and not isinstance(m, torch.nn.Linear)
+        }
+        self.all_linears = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+        if self.bnb:
+            return list(self.quantized), conv1d, heads
+        return [n for n, _ in select_targets(model, QLoRAConfig())], conv1d, heads
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        with safe_open(str(self._where[key]), "pt") as st:
+            return st.get_tensor(key)
+
+    def raw_entries(self, module: str) -> dict[str, torch.Tensor]:
+        """A bnb base's stored entries of one quantized module, as read."""
+        return {k: self.tensor(k) for k in self.quantized[module]}
+
+    def quantized_weight(self, module: str) -> QuantizedWeight:
+        """The 4-bit weight of a target linear, in (out_features, in_features) layout."""
+        if self.bnb:
+            return QuantizedWeight.from_bnb(self.raw_entries(module), module)
+        w = self.tensor(f"{module}.weight")
+        if module in self.conv1d:
+            w = w.t()
+        o = self.options
+        return quantize_weight(w, quant_type=o.quant_type, blocksize=o.blocksize, double_quant=o.double_quant)
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        """("quantized", module) or ("dense", key), in the files' order, each quantized module once."""
+        owner = {k: m for m, keys in self.quantized.items() for k in keys}
+        seen = set()
+        for key in self._where:
+            module = owner.get(key)
+            if module is None:
+                yield "dense", key
+            elif module not in seen:
+                seen.add(module)
+                yield "quantized", module
+
+
+class Adapter:
+    """A PEFT-format LoRA adapter (ours or PEFT's): per-module (A, B) and scaling."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            if not (self.dir / name).exists():
+                raise FileNotFoundError(f"{self.dir / name} does not exist (not a LoRA adapter folder)")
+        config = json.loads((self.dir / ADAPTER_CONFIG).read_text())
+        if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+            raise ValueError(
+                f"{self.dir}: only plain LoRA adapters are supported, got {config.get('peft_type')}"
+            )
+        if config.get("modules_to_save"):
+            raise ValueError(f"{self.dir}: modules_to_save {config['modules_to_save']} is not supported")
+        self.config = config
+        self.pairs: dict[str, dict[str, torch.Tensor]] = {}
+        unknown = []
+        with safe_open(str(self.dir / ADAPTER_WEIGHTS), "pt") as st:
+            for key in st.keys():  # noqa: SIM118
+                m = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+                if m is None:
+                    unknown.append(key)
+                    continue
+                self.pairs.setdefault(m.group(1), {})[m.group(2)] = st.get_tensor(key)
+        if unknown:
+            raise ValueError(f"{self.dir}: unsupported adapter entries {unknown[:5]} (only lora_A/lora_B)")
+        half = [m for m, p in self.pairs.items() if set(p) != {"A", "B"}]
+        if half:
+            raise ValueError(f"{self.dir}: modules {half[:5]} lack lora_A or lora_B")
+        if not self.pairs:
+            raise ValueError(f"{self.dir}: the adapter holds no LoRA weights")
+
+    def modules(self) -> list[str]:
+        return list(self.pairs)
+
+    def _pattern(self, name: str, module: str, default):
+        for key, value in (self.config.get(name) or {}).items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        return default
+
+    def scaling(self, module: str) -> float:
+        r = self._pattern("rank_pattern", module, self.config["r"])
+        alpha = self._pattern("alpha_pattern", module, self.config["lora_alpha"])
+        return alpha / (r**0.5) if self.config.get("use_rslora") else alpha / r
+
+    def delta(self, module: str) -> torch.Tensor:
+        """scaling * B @ A in fp32, (out_features, in_features)."""
+        a, b = self.pairs[module]["A"].float(), self.pairs[module]["B"].float()
+        return (b @ a) * self.scaling(module)
+
+    def check_fits(self, base: BaseModel) -> None:
+        """Every adapter module is a quantized linear of the base, with matching shapes."""
+        problems = []
+        for module, p in self.pairs.items():
+            if module not in base.quantized:
+                problems.append(f"{module} is not a quantized linear of the base")
+                continue
+            a, b = p["A"], p["B"]
+            shape = _out_in(base, module)
+            if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != shape:
+                problems.append(
+                    f"{module}: lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)} does not give the weight's {shape}"
+                )
+        if problems:
+            raise ValueError(f"adapter {self.dir} does not fit base {base.dir}: " + "; ".join(problems[:10]))
+
+
+def _out_in(base: BaseModel, module: str) -> tuple[int, int]:
+    if base.bnb:
+        state_key = next(k for k in base.quantized[module] if ".quant_state." in k)
+        shape = json.loads(bytes(base.tensor(state_key).tolist()).decode())["shape"]
+        return tuple(shape)
+    with safe_open(str(base._where[f"{module}.weight"]), "pt") as st:
+        shape = tuple(st.get_slice(f"{module}.weight").get_shape())
+    return shape[::-1] if module in base.conv1d else shape
+
+
+class SafetensorsWriter:
+    """Writes one .safetensors file tensor by tensor, holding one tensor at a time in memory.
+
+    The tensors' bytes go to a side file as they come; `close()` writes the header, appends the
+    bytes, and renames the result into place.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
+        self.path = path
+        self._data_path = path.with_name(path.name + ".data.partial")
+        self._data = open(self._data_path, "wb")  # noqa: SIM115 (closed in close())
+        self._header: dict[str, dict] = {}
+        self._metadata = metadata or {"format": "pt"}
+        self._offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._header:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        t = tensor.detach().to("cpu").contiguous()
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        self._data.write(data)
+        self._header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self._offset, self._offset + len(data)],
+        }
+        self._offset += len(data)
+
+    def close(self) -> None:
+        self._data.close()
+        header = json.dumps({"__metadata__": self._metadata, **self._header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        partial = self.path.with_name(self.path.name + ".partial")
+        with open(partial, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 << 20)
+        os.remove(self._data_path)
+        os.replace(partial, self.path)
+
+
+_SKIP_COPY = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.safetensors\.index\.json|\.bin\.index\.json)$")
+
+
+@contextlib.contextmanager
+def output_folder(out: str | Path) -> Iterator[Path]:
+    """A fresh `<out>.partial` folder to write into, renamed to `out` when the block succeeds."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    partial.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_side_files(base: BaseModel, out: Path) -> None:
+    """Tokenizer, generation config and other small files; not the weights, not config.json."""
+    for f in base.dir.iterdir():
+        if f.is_file() and f.name != "config.json" and not _SKIP_COPY.search(f.name):
+            shutil.copy2(f, out / f.name)

@@ -1,0 +1,104 @@
+"""`export_merged`: base + LoRA adapter -> a plain 16-bit Hugging Face folder.
+
+The adapter is merged onto the *dequantized 4-bit* base weight, which is what it was trained
+against (`W = dequant(Q(W0)) + scaling * B @ A`, computed in fp32), not onto the original 16-bit
+weight. Tensors are read, merged and written one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ._base import (
+    Adapter,
+    BaseModel,
+    QuantOptions,
+    SafetensorsWriter,
+    copy_side_files,
+    output_folder,
+    parse_dtype,
+    progress,
+)
+
+
+def open_inputs(base, adapter, quant_type: str, blocksize: int, double_quant: bool):
+    """(BaseModel, Adapter or None), the adapter checked against the base."""
+    base_model = BaseModel(base, QuantOptions(quant_type, blocksize, double_quant))
+    lora = None if adapter is None else Adapter(adapter)
+    if lora is not None:
+        lora.check_fits(base_model)
+    return base_model, lora
+
+
+def merged_weight(base: BaseModel, adapter: Adapter | None, module: str, dtype: torch.dtype | None):
+    """(merged weight in (out, in) layout and the output dtype, fp32 delta or None, the 4-bit weight)."""
+    qw = base.quantized_weight(module)
+    w = qw.dequantize(torch.float32)
+    delta = None
+    if adapter is not None and module in adapter.pairs:
+        delta = adapter.delta(module)
+        w = w + delta
+    return w.to(dtype or qw.dtype), delta, qw
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def write_config(base: BaseModel, out: Path, dtype: torch.dtype | None, quantization_config=None) -> None:
+    config = dict(base.config_dict)
+    config.pop("quantization_config", None)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def export_merged(
+    base: str | Path,
+    adapter: str | Path | None,
+    out: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> Path:
+    """Merge `adapter` into `base` and write a plain Hugging Face folder to `out`.
+
+    Args:
+        base: a 16-bit HF folder (its target linears are quantized with quant_type / blocksize /
+            double_quant, as `qlora_compile.compile` does) or a bitsandbytes 4-bit folder.
+        adapter: a PEFT-format LoRA folder (`save_adapter` or PEFT), or None (dequantize only).
+        out: output folder, replaced atomically (written as `<out>.partial`, then renamed).
+        dtype: "auto"/None (merged weights in the base weight's dtype, other tensors as stored),
+            or "float32" / "float16" / "bfloat16" for every floating tensor.
+
+    Raises:
+        FileNotFoundError: a folder or a file in it is missing.
+        ValueError: the adapter does not fit the base (missing module, shape mismatch), or bad options.
+    """
+    dtype = parse_dtype(dtype)
+    base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
+    items = list(base_model.items())
+    with output_folder(out) as tmp:
+        writer = SafetensorsWriter(tmp / "model.safetensors")
+        done = 0
+        for kind, name in items:
+            if kind == "dense":
+                writer.add(name, cast(base_model.tensor(name), dtype))
+                continue
+            w, _, _ = merged_weight(base_model, lora, name, dtype)
+            writer.add(f"{name}.weight", w.t() if name in base_model.conv1d else w)
+            done += 1
+            if done % 20 == 0 or done == len(base_model.quantized):
+                progress(f"merged {done}/{len(base_model.quantized)} linear layers")
+        writer.close()
+        write_config(base_model, tmp, dtype)
+        copy_side_files(base_model, tmp)
+    return Path(out)

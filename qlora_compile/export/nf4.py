@@ -1,0 +1,178 @@
+"""`export_nf4`: base + LoRA adapter, merged as `export_merged` does, then re-quantized to 4 bits.
+
+The folder is what transformers' bitsandbytes 4-bit `save_pretrained` writes (the same safetensors
+keys and config.json `quantization_config`), so `from_pretrained(out)` with bitsandbytes installed
+loads it. Re-quantizing adds a quantization error of the size of the one the adapter was trained
+over; when it is larger than the update the adapter made (`|dW| / |error|` below 1) much of the
+fine-tune is lost, so the ratio is reported per layer, with the share of the update that survives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..codes import code4
+from ..format import QuantizedWeight, quantize_weight
+from ._base import SafetensorsWriter, copy_side_files, output_folder, parse_dtype, progress
+from .merged import cast, merged_weight, open_inputs, write_config
+
+
+@dataclass
+class LayerReport:
+    """One merged layer: its LoRA update against the 4-bit rounding noise of re-quantizing it.
+
+    Attributes:
+        delta_norm: |dW|, the Frobenius norm of scaling * B @ A.
+        noise_norm: the expected norm of the rounding error that re-quantization adds: each
+            element is rounded within its code's cell (width w times its block's absmax), an
+            error of RMS w * absmax / sqrt(12). Computed from the re-quantized weight's codes.
+        kept: the share of dW that survives re-quantization, <Q(W+dW) - Q(W), dW> / |dW|^2
+            (Q(W): the dequantized base weight the adapter was trained over).
+    """
+
+    module: str
+    delta_norm: float
+    noise_norm: float
+    kept: float
+
+    @property
+    def ratio(self) -> float:
+        """|dW| / |quantization error|: well below 1, re-quantizing erases much of the update."""
+        return self.delta_norm / self.noise_norm if self.noise_norm > 0 else float("inf")
+
+
+def _cell_widths(quant_type: str) -> torch.Tensor:
+    """Width of each 4-bit code's rounding cell (in units of absmax), indexed by code."""
+    values, order = code4(quant_type).float().sort()
+    mids = (values[1:] + values[:-1]) / 2
+    lower = torch.cat([values[:1], mids])
+    upper = torch.cat([mids, values[-1:]])
+    widths = torch.empty(16)
+    widths[order] = upper - lower
+    return widths
+
+
+def quantization_noise(qw: QuantizedWeight) -> float:
+    """Expected norm of the rounding error of a weight quantized to these codes."""
+    p = qw.packed.view(-1)
+    codes = torch.stack([p >> 4, p & 15], dim=1).view(-1)[: qw.numel].long()
+    scale = qw.absmax_fp32().repeat_interleave(qw.blocksize)[: qw.numel]
+    cell = _cell_widths(qw.quant_type)[codes] * scale
+    return float(cell.square().sum().div(12).sqrt())
+
+
+def format_report(layers: list[LayerReport]) -> str:
+    """A table of the per-layer ratios, with a closing line on how many fall below 1."""
+    width = max((len(r.module) for r in layers), default=6)
+    lines = [f"{'layer':<{width}}  {'|dW|':>10}  {'|quant err|':>11}  {'ratio':>7}  {'kept':>6}"]
+    lines += [
+        f"{r.module:<{width}}  {r.delta_norm:10.4g}  {r.noise_norm:11.4g}  {r.ratio:7.3f}  {r.kept:6.1%}"
+        for r in layers
+    ]
+    low = [r for r in layers if r.ratio < 1]
+    lines.append(
+        f"{len(low)} of {len(layers)} merged layers have |dW| / |quantization error| < 1"
+        + (": re-quantizing erases much of their fine-tune" if low else "")
+    )
+    return "\n".join(lines)
+
+
+def bnb_quantization_config(base, dtype: torch.dtype, quant_type: str, double_quant: bool, skip) -> dict:
+    """config.json's quantization_config, as transformers' BitsAndBytesConfig.to_dict() writes it."""
+    return {
+        "quant_method": "bitsandbytes",
+        "_load_in_8bit": False,
+        "_load_in_4bit": True,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_skip_modules": skip,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+    }
+
+
+def requantized(base, adapter, module: str, dtype: torch.dtype | None):
+    """(merged weight re-quantized with the base layer's settings, its LayerReport, the base 4-bit weight)."""
+    merged, delta, qw = merged_weight(base, adapter, module, dtype)
+    new = quantize_weight(
+        merged, quant_type=qw.quant_type, blocksize=qw.blocksize, double_quant=qw.double_quant
+    )
+    moved = new.dequantize(torch.float32) - qw.dequantize(torch.float32)
+    d2 = float(delta.square().sum())
+    kept = float((moved * delta).sum()) / d2 if d2 > 0 else 1.0
+    return new, LayerReport(module, d2**0.5, quantization_noise(new), kept), qw
+
+
+def export_nf4(
+    base: str | Path,
+    adapter: str | Path | None,
+    out: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> tuple[Path, list[LayerReport]]:
+    """Merge `adapter` into `base` (onto the dequantized 4-bit weights) and re-quantize.
+
+    Merged layers are quantized with their base layer's quant type, blocksize and double
+    quantization; layers the adapter does not touch keep their 4-bit bytes (a bitsandbytes base)
+    or are quantized as `qlora_compile.compile` does (a 16-bit base). Arguments as in
+    `export_merged`; `dtype` is also the dtype the merged weights are rounded to before
+    re-quantizing, and the compute dtype recorded in quantization_config.
+
+    Returns:
+        (out, one LayerReport per merged layer).
+    """
+    dtype = parse_dtype(dtype)
+    base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
+    items = list(base_model.items())
+    reports: list[LayerReport] = []
+    kinds = set()
+    weight_dtype = None
+    with output_folder(out) as tmp:
+        writer = SafetensorsWriter(tmp / "model.safetensors")
+        done = 0
+        for kind, name in items:
+            if kind == "dense":
+                writer.add(name, cast(base_model.tensor(name), dtype))
+                continue
+            if lora is not None and name in lora.pairs:
+                new, report, qw = requantized(base_model, lora, name, dtype)
+                reports.append(report)
+                entries = new.to_bnb(name)
+            elif base_model.bnb:
+                qw = base_model.quantized_weight(name)
+                entries = base_model.raw_entries(name)
+            else:
+                qw = base_model.quantized_weight(name)
+                entries = qw.to_bnb(name)
+            kinds.add((qw.quant_type, qw.double_quant))
+            weight_dtype = weight_dtype or qw.dtype
+            for key, t in entries.items():
+                writer.add(key, t)
+            done += 1
+            if done % 20 == 0 or done == len(base_model.quantized):
+                progress(f"quantized {done}/{len(base_model.quantized)} linear layers")
+        writer.close()
+        (qt, dq), *others = sorted(kinds)
+        if others:
+            raise ValueError(
+                f"{base_model.dir}: mixed quantization settings {sorted(kinds)} cannot be described"
+            )
+        dense = [
+            m for m in base_model.all_linears if m not in base_model.quantized and m not in base_model.head
+        ]
+        skip = sorted(dense + sorted(base_model.head)) if dense else None
+        qconfig = bnb_quantization_config(base_model, dtype or weight_dtype, qt, dq, skip)
+        write_config(base_model, tmp, dtype, qconfig)
+        copy_side_files(base_model, tmp)
+    return Path(out), reports
