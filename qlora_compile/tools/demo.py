@@ -11,10 +11,12 @@
    model's chat template, the loss on the answers only; `model.qlora.step()` after each backward.
 5. Held-out loss (pairs never trained on) before and after.
 6. Save the adapter (PEFT format).
-7. Export (merged weights, ONNX): `_export_step`.
-8. Greedy answers to a held-out question from the model before and after fine-tuning.
+7. Export merged bf16 weights and ONNX (`qlora-compile export merged|onnx`).
+8. Greedy answers to a held-out question: the model before and after fine-tuning, the merged
+   export (transformers) and the ONNX export (ONNX Runtime).
 9. A PNG of the loss curve.
-Everything lands in one output folder: `summary.json`, `report.md`, `adapter/`, `loss.png`.
+Everything lands in one output folder: `summary.json`, `report.md`, `nf4/`, `adapter/`, `merged/`,
+`model.onnx`, `loss.png`.
 """
 
 from __future__ import annotations
@@ -170,14 +172,17 @@ def _quantize_step(src: Path, out: Path, console: Console):
     return model, f"qlora-compile convert -> {out / 'nf4'}"
 
 
-def _export_step(model, tokenizer, out: Path, console: Console) -> dict[str, str]:
-    """Step 7: merged 16-bit weights and ONNX into `out`; returns {what: path}.
+def _export_step(base: Path, adapter: Path, out: Path, console: Console) -> dict[str, str]:
+    """Step 7: the adapter merged onto the dequantized 4-bit base as a plain bf16 HF folder
+    (`qlora-compile export merged`), and an ONNX graph with the 4-bit weights kept as MatMulBnb4
+    and the LoRA branch beside them (`qlora-compile export onnx`); returns {what: path}."""
+    import qlora_compile
 
-    TODO(export): call qlora_compile's export_merged / export_onnx here and return their paths; the
-    answer step then also generates with each export.
-    """
-    console.print("[bold]export[/]: merged and ONNX exporters not available yet (skipped)")
-    return {}
+    merged = qlora_compile.export_merged(base, adapter, out / "merged", dtype="bfloat16")
+    console.print(f"[bold]export merged[/]: {merged}")
+    onnx_path = qlora_compile.export_onnx(base, adapter, out / "model.onnx")
+    console.print(f"[bold]export onnx[/]: {onnx_path} ({onnx_path.stat().st_size / 2**20:.1f} MiB)")
+    return {"merged": str(merged), "onnx": str(onnx_path)}
 
 
 def held_out_loss(model, examples, cfg: DemoConfig, pad_id: int) -> float:
@@ -201,25 +206,58 @@ def held_out_loss(model, examples, cfg: DemoConfig, pad_id: int) -> float:
     return total / count
 
 
-def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy answer (eager: generation's growing shapes would recompile the graph every token)."""
-    was_training = model.training
-    model.eval()
+def prompt_inputs(tokenizer, prompt: str) -> dict:
+    """The held-out question as the model sees it: chat template with the short system message."""
     if getattr(tokenizer, "chat_template", None):
-        inputs = tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(
             [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
         )
-    else:
-        inputs = tokenizer(f"Question: {prompt}\nAnswer:", return_tensors="pt")
+    return tokenizer(f"Question: {prompt}\nAnswer:", return_tensors="pt")
+
+
+def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy answer (eager: generation's growing shapes would recompile the graph every token)."""
+    was_training = model.training
+    model.eval()
+    inputs = prompt_inputs(tokenizer, prompt)
     with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
     model.train(was_training)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def merged_eos(folder: str | Path, tokenizer) -> set[int]:
+    """The token ids that end generation, as `generate()` reads them from generation_config.json."""
+    import transformers
+
+    eos = transformers.GenerationConfig.from_pretrained(folder).eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    return {int(t) for t in [*eos, tokenizer.eos_token_id] if t is not None}
+
+
+def onnx_answer(path: Path, tokenizer, prompt: str, max_new_tokens: int, eos: set[int]) -> str:
+    """Greedy answer from the ONNX graph in ONNX Runtime's CPU provider (no KV cache: the whole
+    sequence goes through the graph for every new token)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ids = prompt_inputs(tokenizer, prompt)["input_ids"].numpy().astype(np.int64)
+    start = ids.shape[1]
+    for _ in range(max_new_tokens):
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        token = int(session.run(["logits"], feed)[0][0, -1].argmax())
+        ids = np.concatenate([ids, np.array([[token]], dtype=np.int64)], axis=1)
+        if token in eos:
+            break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
 
 
 def run(out: Path, cfg: DemoConfig | None = None, console: Console | None = None) -> dict:
@@ -301,8 +339,17 @@ def run(out: Path, cfg: DemoConfig | None = None, console: Console | None = None
     lap("held-out loss and answer after")
 
     adapter = model.qlora.save_adapter(out / "adapter")  # 6
-    exports = _export_step(model, tokenizer, out, console)  # 7
+    exports = _export_step(out / "nf4", adapter, out, console)  # 7
     lap("save adapter, export")
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(exports["merged"], dtype=torch.bfloat16)  # 8
+    answers["merged export (bf16)"] = generate_answer(merged, tokenizer, prompt, cfg.max_new_tokens)
+    del merged
+    eos = merged_eos(exports["merged"], tokenizer)
+    answers["ONNX export (onnxruntime)"] = onnx_answer(
+        Path(exports["onnx"]), tokenizer, prompt, cfg.max_new_tokens, eos
+    )
+    lap("answers from the exports")
 
     write_loss_png(out / "loss.png", losses, loss_before, loss_after)  # 9
     timings["total"] = time.perf_counter() - start
@@ -360,6 +407,7 @@ def markdown(s: dict) -> str:
         f"- reference: {a['reference']}",
         f"- before fine-tuning: {a['before fine-tuning']}",
         f"- after fine-tuning: {a['after fine-tuning']}",
+        *(f"- {k}: {a[k]}" for k in ("merged export (bf16)", "ONNX export (onnxruntime)") if k in a),
         "",
         f"Adapter: `{s['adapter']}`. Exports: {', '.join(s['exports']) or 'none yet'}. Loss curve: `loss.png`.",
         "",
@@ -379,6 +427,9 @@ def _print(console: Console, s: dict) -> None:
     console.print(f"[bold]prompt[/]: {a['prompt']}  [dim](reference: {a['reference']})[/]")
     console.print(f"[bold]before[/]: {a['before fine-tuning']}")
     console.print(f"[bold]after[/]: {a['after fine-tuning']}")
+    for key in ("merged export (bf16)", "ONNX export (onnxruntime)"):
+        if key in a:
+            console.print(f"[bold]{key}[/]: {a[key]}")
 
 
 # ---- a small PNG plot (no plotting dependency) ------------------------------------------------

@@ -1,46 +1,9 @@
-"""A small random Llama saved as an HF folder, and a trained-looking adapter for it."""
+"""Fixtures of the export tests: a small random Llama saved as an HF folder, and an adapter."""
 
 import pytest
-import torch
-import transformers
+from export_helpers import compiled_with_adapter, tiny_llama
 
 import qlora_compile
-
-VOCAB = 320
-
-
-def tiny_llama(tie: bool = True, bias: bool = False) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-        attention_bias=bias,
-        mlp_bias=bias,
-    )
-    torch.manual_seed(1)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # a spread of magnitudes, so blocks and layers differ
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model
-
-
-def compiled_with_adapter(base_dir, scale: float = 1.0, **overrides):
-    """Our model compiled from `base_dir`, lora_B given random values (as after training)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    settings = dict(r=8, lora_alpha=16, lora_dropout=0.0, compute_dtype=torch.float32, backend="eager")
-    qlora_compile.compile(model, **{**settings, **overrides})
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, qlora_compile.QLoRALinear):
-                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.02 * scale)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +20,3 @@ def trained(llama_dir, tmp_path_factory):
     adapter_dir = tmp_path_factory.mktemp("adapter")
     qlora_compile.save_adapter(model, adapter_dir)
     return model, adapter_dir
-
-
-def input_ids(batch: int, seq: int, seed: int = 3) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 import transformers
-from conftest import compiled_with_adapter, input_ids
+from export_helpers import compiled_with_adapter, input_ids
 from safetensors.torch import load_file, save_file
 
 import qlora_compile
@@ -158,7 +158,7 @@ def test_adapter_that_does_not_fit(llama_dir, trained, tmp_path, capsys):
 
 def test_fp4_without_double_quant_and_sharded_base(llama_dir, tmp_path):
     """The quantization options reach the base as compile used them; a sharded base reads the same."""
-    from conftest import tiny_llama
+    from export_helpers import tiny_llama
 
     sharded = tmp_path / "sharded"
     tiny_llama().save_pretrained(sharded, max_shard_size="100KB")

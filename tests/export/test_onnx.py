@@ -3,7 +3,7 @@
 import onnx
 import onnxruntime as ort
 import torch
-from conftest import input_ids
+from export_helpers import input_ids
 from onnx import numpy_helper
 
 import qlora_compile
@@ -169,7 +169,7 @@ def test_fused_lora_linear_translates(tmp_path):
 
 def test_onnx_biases_untied_head_no_adapter(tmp_path):
     """Biases on every linear and an untied head, against transformers with our 4-bit linears."""
-    from conftest import tiny_llama
+    from export_helpers import tiny_llama
 
     from qlora_compile.modules import quantize_linears_
 

@@ -125,5 +125,8 @@ def test_demo_end_to_end(tmp_path, smollm2_dir):
     assert all(0 < x < 30 for x in [summary["held_out_loss_before"], summary["held_out_loss_after"]])
     assert summary["answers"]["prompt"] and set(summary["timings"]) >= {"fine-tune", "total"}
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "model.onnx").exists()
+    answers = summary["answers"]
+    assert set(answers) >= {"after fine-tuning", "merged export (bf16)", "ONNX export (onnxruntime)"}
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "report.md").read_text().startswith("# qlora-compile demo")
