@@ -51,7 +51,7 @@ SYSTEM = "You are a friendly chatbot."
 class DemoConfig:
     """What the demo runs; every field is a `qlora-compile demo` option."""
 
-    steps: int = 8
+    steps: int = 32
     batch_size: int = 4
     max_length: int = 48  # tokens per example (prompt + answer); longer pairs are left out
     eval_pairs: int = 16  # held out, never trained on
