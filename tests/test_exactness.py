@@ -155,3 +155,31 @@ def test_load_adapter_errors(base_dir, tmp_path):
         qlora_compile.load_adapter(model, tmp_path / "small")
     with pytest.raises(ValueError, match="no QLoRA layers"):
         qlora_compile.save_adapter(torch.nn.Linear(2, 2), tmp_path / "none")
+
+
+def test_adapter_trained_on_a_converted_folder_loads_in_peft_on_that_folder(base_dir, tmp_path):
+    """The whole round trip of issue 5: convert, load_quantized + compile + train here, save the
+    adapter; transformers + bitsandbytes load the converted folder with no arguments, PEFT loads
+    the adapter onto it, and the logits equal ours."""
+    dst = tmp_path / "nf4"
+    qlora_compile.convert_checkpoint(base_dir, dst, compute_dtype="float32", progress=False)
+    model = qlora_compile.load_quantized(dst, dtype=torch.float32)
+    qlora_compile.compile(
+        model, r=R, lora_alpha=ALPHA, lora_dropout=0.0, compute_dtype=torch.float32,
+        backend="aot_eager", gradient_checkpointing=False, lr=1e-2,
+    )  # fmt: skip
+    model.train()
+    data = torch.randint(0, 256, (3, 2, 16), generator=torch.Generator().manual_seed(5))
+    for batch in data:  # a few steps, so lora_B is no longer zero
+        model(batch, labels=batch).loss.backward()
+        model.qlora.step()
+    assert any(m.lora_B.weight.abs().max() > 0 for m in model.modules() if isinstance(m, QLoRALinear))
+    model.qlora.save_adapter(tmp_path / "adapter")
+    base = transformers.AutoModelForCausalLM.from_pretrained(dst)  # no quantization arguments
+    assert base.config.quantization_config.load_in_4bit
+    ref = PeftModel.from_pretrained(base, tmp_path / "adapter").train()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        ours_logits = model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(ours_logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
