@@ -19,7 +19,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/tests.log"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/optim/test_cuda.py 2>&1 | tee "$OUT/tests.log"
 tests=${PIPESTATUS[0]}
 timeout 200 python3 benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
 bench=${PIPESTATUS[0]}
