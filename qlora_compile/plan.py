@@ -176,6 +176,20 @@ class Plan:
     def largest(self) -> Term:
         return max(self.terms, key=lambda t: t.bytes)
 
+    def to_dict(self) -> dict:
+        """The plan as `qlora-compile plan --json` prints it (schema_version 1; all sizes in bytes):
+        {schema_version, model, settings, gpu_memory, total, fits, largest, persistent_bytes,
+        host_bytes, terms: [{name, bytes, note}], persistent: {kind: bytes}, optimizer: {total,
+        paged, unpaged, budget, device, host}, activations: {...}, notes: [...]}."""
+        return {
+            "schema_version": 1, "model": self.model, "settings": self.settings,
+            "gpu_memory": self.gpu_memory, "total": self.total, "fits": self.fits,
+            "largest": self.largest.name, "persistent_bytes": self.persistent_bytes,
+            "host_bytes": self.host_bytes, "terms": [vars(t).copy() for t in self.terms],
+            "persistent": dict(self.persistent), "optimizer": dict(self.optimizer),
+            "activations": dict(self.activations), "notes": list(self.notes),
+        }  # fmt: skip
+
 
 def activation_bytes(
     model: nn.Module,

@@ -80,6 +80,11 @@ def _plan(args: argparse.Namespace) -> int:
         optim_budget=None if args.optim_budget is None else parse_memory(args.optim_budget),
         paged=not args.no_paged, dtype=args.dtype,
     )  # fmt: skip
+    if args.json:
+        import json
+
+        print(json.dumps(plan.to_dict(), indent=1))
+        return 0
     console = Console()
     console = console if console.is_terminal else Console(width=120)
     s = plan.settings
@@ -292,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optim-budget", help="device memory for paged optimizer states (default: 10%% of the paged states)"
     )
     plan.add_argument("--no-paged", action="store_true", help="keep all optimizer states on the device")
+    plan.add_argument("--json", action="store_true", help="machine-readable output (schema: Plan.to_dict)")
     plan.add_argument(
         "--dtype",
         default="bfloat16",

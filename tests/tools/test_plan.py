@@ -187,6 +187,11 @@ def test_cli_plan(tmp_path, capsys):
     )
     assert cli.main(["plan", str(path), "--gpu-memory", "24GB", "--optim-bits", "8"]) == 0
     assert "does NOT fit" in capsys.readouterr().out
+    assert cli.main(["plan", str(path), "--gpu-memory", "48GB", "--gradient-checkpointing", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema_version"] == 1 and data["fits"] and data["largest"] == "4-bit weights"
+    assert data["total"] == sum(t["bytes"] for t in data["terms"]) <= data["gpu_memory"] == 48 * 10**9
+    assert data["optimizer"]["device"] + data["optimizer"]["host"] == data["optimizer"]["total"]
     assert cli.main(["plan", str(path), "--gpu-memory", "48"]) == 2
     assert "a unit is required" in capsys.readouterr().err
     assert cli.main(["plan", str(tmp_path / "missing.json"), "--gpu-memory", "48GB"]) == 2
