@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +109,21 @@ def row_chunks(info: TensorInfo, max_elements: int, multiple: int = 1):
         yield start, min(rows, start + step)
 
 
+def encode_header(tensors: dict[str, dict], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length and the JSON header (padded to 8 bytes) of a safetensors file whose
+    tensors are `{name: {"dtype", "shape", "data_offsets"}}`, in file order."""
+    raw = json.dumps(
+        {"__metadata__": metadata or {"format": "pt"}, **tensors}, separators=(",", ":")
+    ).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def write_file(
     path: Path, entries: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
 ) -> str:
     """Write `entries` (in order) as a safetensors file at `path`, fsync it; returns its SHA-256."""
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    header: dict = {}
     offset = 0
     flats = []
     for name, t in entries:
@@ -127,13 +138,11 @@ def write_file(
         }
         offset += nbytes
         flats.append(t)
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
     digest = hashlib.sha256()
     with open(path, "wb") as f:
-        for chunk in (struct.pack("<Q", len(raw)), raw):
-            f.write(chunk)
-            digest.update(chunk)
+        raw = encode_header(header, metadata)
+        f.write(raw)
+        digest.update(raw)
         for t in flats:
             if t.numel() == 0:
                 continue
@@ -151,7 +160,7 @@ def write_streaming(
     """Write a safetensors file whose tensors are produced slice by slice: `fill(name, start, count)`
     returns the flat elements [start, start + count) of tensor `name`, or None for zeros (left as
     a hole in a sparse file: nothing is written). Memory: one slice."""
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {}
     offset = 0
     for name, dtype, shape in specs:
         nbytes = math.prod(shape) * dtype.itemsize
@@ -161,11 +170,8 @@ def write_streaming(
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(encode_header(header))
         for name, dtype, shape in specs:
             n, step = math.prod(shape), max(1, chunk_bytes // dtype.itemsize)
             for start in range(0, n, step):
@@ -183,3 +189,43 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class SafetensorsWriter:
+    """Writes one .safetensors file tensor by tensor, holding one tensor at a time in memory.
+
+    The tensors' bytes go to a side file as they come; `close()` writes the header, appends the
+    bytes, and renames the result into place.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
+        self.path = path
+        self._data_path = path.with_name(path.name + ".data.partial")
+        self._data = open(self._data_path, "wb")  # noqa: SIM115 (closed in close())
+        self._header: dict[str, dict] = {}
+        self._metadata = metadata
+        self._offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._header:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype not in NAMES:
+            raise TypeError(f"cannot write {name!r}: dtype {t.dtype} is not supported")
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        self._data.write(data)
+        self._header[name] = {
+            "dtype": NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self._offset, self._offset + len(data)],
+        }
+        self._offset += len(data)
+
+    def close(self) -> None:
+        self._data.close()
+        partial = self.path.with_name(self.path.name + ".partial")
+        with open(partial, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(encode_header(self._header, self._metadata))
+            shutil.copyfileobj(data, out, 16 << 20)
+        os.remove(self._data_path)
+        os.replace(partial, self.path)

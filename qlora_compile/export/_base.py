@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
-import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,18 +27,6 @@ from ..format import QuantizedWeight, quantize_weight
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ST_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.int32: "I32",
-    torch.int64: "I64",
-    torch.bool: "BOOL",
-}
 _STATE_KEY = re.compile(r"^(.*)\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
 
 
@@ -288,47 +274,6 @@ def _out_in(base: BaseModel, module: str) -> tuple[int, int]:
     with safe_open(str(base._where[f"{module}.weight"]), "pt") as st:
         shape = tuple(st.get_slice(f"{module}.weight").get_shape())
     return shape[::-1] if module in base.conv1d else shape
-
-
-class SafetensorsWriter:
-    """Writes one .safetensors file tensor by tensor, holding one tensor at a time in memory.
-
-    The tensors' bytes go to a side file as they come; `close()` writes the header, appends the
-    bytes, and renames the result into place.
-    """
-
-    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
-        self.path = path
-        self._data_path = path.with_name(path.name + ".data.partial")
-        self._data = open(self._data_path, "wb")  # noqa: SIM115 (closed in close())
-        self._header: dict[str, dict] = {}
-        self._metadata = metadata or {"format": "pt"}
-        self._offset = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._header:
-            raise ValueError(f"duplicate tensor name {name!r}")
-        t = tensor.detach().to("cpu").contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        self._data.write(data)
-        self._header[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [self._offset, self._offset + len(data)],
-        }
-        self._offset += len(data)
-
-    def close(self) -> None:
-        self._data.close()
-        header = json.dumps({"__metadata__": self._metadata, **self._header}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        partial = self.path.with_name(self.path.name + ".partial")
-        with open(partial, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(data, out, 16 << 20)
-        os.remove(self._data_path)
-        os.replace(partial, self.path)
 
 
 _SKIP_COPY = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.safetensors\.index\.json|\.bin\.index\.json)$")

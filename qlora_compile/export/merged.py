@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint._safetensors import SafetensorsWriter
 from ._base import (
     Adapter,
     BaseModel,
     QuantOptions,
-    SafetensorsWriter,
     copy_side_files,
     output_folder,
     parse_dtype,

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint._safetensors import SafetensorsWriter
 from ..codes import code4
 from ..format import QuantizedWeight, quantize_weight
-from ._base import SafetensorsWriter, copy_side_files, output_folder, parse_dtype, progress
+from ._base import copy_side_files, output_folder, parse_dtype, progress
 from .merged import cast, merged_weight, open_inputs, write_config
 
 
