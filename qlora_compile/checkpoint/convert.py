@@ -49,7 +49,9 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MANIFEST = ".qlora-convert-manifest.json"
 EXIT_AFTER_SHARD_ENV = "QLORA_COMPILE_CONVERT_EXIT_AFTER_SHARD"  # test hook: exit after k shards
-_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack|ckpt|gguf)$|.*\.safetensors\.index\.json$")
+_WEIGHT_FILE = re.compile(
+    r".*\.(safetensors|bin|pt|pth|h5|msgpack|ckpt|gguf)$|.*\.(safetensors|bin)\.index\.json$"
+)
 _CHUNK_ELEMENTS = 1 << 22  # elements read per slice (16 MB of fp32)
 _FLOAT_SOURCES = ("F32", "F16", "BF16", "F64")
 
@@ -393,7 +395,7 @@ def _save_manifest(partial: Path, manifest: dict) -> None:
     os.replace(tmp, partial / MANIFEST)
 
 
-def _copy_extras(src: Path, dst: Path) -> None:
+def copy_extras(src: Path, dst: Path) -> None:
     """Tokenizer files, generation_config.json and other small files (no weights, no hidden files)."""
     for path in sorted(src.iterdir()):
         if path.name.startswith(".") or path.name == "config.json" or _WEIGHT_FILE.match(path.name):
@@ -408,18 +410,26 @@ def _copy_extras(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-def _write_config(config, dst: Path, main_dtype, options: dict, skip_list) -> None:
+def bnb_quantization_config(
+    quant_type: str, double_quant: bool, compute_dtype: str | torch.dtype, skip: list[str] | None
+) -> dict:
+    """config.json's quantization_config for a bitsandbytes 4-bit folder, as transformers writes it."""
     import transformers
 
-    bnb = transformers.BitsAndBytesConfig(
+    return transformers.BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=options["quant_type"],
-        bnb_4bit_use_double_quant=options["double_quant"],
-        bnb_4bit_compute_dtype=_dtype(options["compute_dtype"]),
-        llm_int8_skip_modules=skip_list,
-    )
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=_dtype(compute_dtype),
+        llm_int8_skip_modules=skip,
+    ).to_dict()
+
+
+def _write_config(config, dst: Path, main_dtype, options: dict, skip_list) -> None:
     config.dtype = main_dtype
-    config.quantization_config = bnb.to_dict()
+    config.quantization_config = bnb_quantization_config(
+        options["quant_type"], options["double_quant"], options["compute_dtype"], skip_list
+    )
     config.save_pretrained(str(dst))
 
 
@@ -558,7 +568,7 @@ def convert_checkpoint(
         else None
     )
     _write_config(config, partial, main_dtype, options, skip_list)
-    _copy_extras(src, partial)
+    copy_extras(src, partial)
     (partial / MANIFEST).unlink()
     if dst.exists():  # overwrite: the old folder goes only once the new one is complete
         old = dst.with_name(f"{dst.name}.old-{os.getpid()}")

@@ -276,9 +276,6 @@ def _out_in(base: BaseModel, module: str) -> tuple[int, int]:
     return shape[::-1] if module in base.conv1d else shape
 
 
-_SKIP_COPY = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.safetensors\.index\.json|\.bin\.index\.json)$")
-
-
 @contextlib.contextmanager
 def output_folder(out: str | Path) -> Iterator[Path]:
     """A fresh `<out>.partial` folder to write into, renamed to `out` when the block succeeds."""
@@ -301,6 +298,6 @@ def output_folder(out: str | Path) -> Iterator[Path]:
 
 def copy_side_files(base: BaseModel, out: Path) -> None:
     """Tokenizer, generation config and other small files; not the weights, not config.json."""
-    for f in base.dir.iterdir():
-        if f.is_file() and f.name != "config.json" and not _SKIP_COPY.search(f.name):
-            shutil.copy2(f, out / f.name)
+    from ..checkpoint.convert import copy_extras
+
+    copy_extras(base.dir, out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint._safetensors import SafetensorsWriter
+from ..checkpoint.convert import bnb_quantization_config
 from ..codes import code4
 from ..format import QuantizedWeight, quantize_weight
 from ._base import copy_side_files, output_folder, parse_dtype, progress
@@ -79,25 +80,6 @@ def format_report(layers: list[LayerReport]) -> str:
         + (": re-quantizing erases much of their fine-tune" if low else "")
     )
     return "\n".join(lines)
-
-
-def bnb_quantization_config(base, dtype: torch.dtype, quant_type: str, double_quant: bool, skip) -> dict:
-    """config.json's quantization_config, as transformers' BitsAndBytesConfig.to_dict() writes it."""
-    return {
-        "quant_method": "bitsandbytes",
-        "_load_in_8bit": False,
-        "_load_in_4bit": True,
-        "llm_int8_threshold": 6.0,
-        "llm_int8_skip_modules": skip,
-        "llm_int8_enable_fp32_cpu_offload": False,
-        "llm_int8_has_fp16_weight": False,
-        "bnb_4bit_quant_type": quant_type,
-        "bnb_4bit_use_double_quant": double_quant,
-        "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."),
-        "bnb_4bit_quant_storage": "uint8",
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-    }
 
 
 def requantized(base, adapter, module: str, dtype: torch.dtype | None):
@@ -173,7 +155,7 @@ def export_nf4(
             m for m in base_model.all_linears if m not in base_model.quantized and m not in base_model.head
         ]
         skip = sorted(dense + sorted(base_model.head)) if dense else None
-        qconfig = bnb_quantization_config(base_model, dtype or weight_dtype, qt, dq, skip)
+        qconfig = bnb_quantization_config(qt, dq, dtype or weight_dtype, skip)
         write_config(base_model, tmp, dtype, qconfig)
         copy_side_files(base_model, tmp)
     return Path(out), reports
