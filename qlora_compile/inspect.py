@@ -55,6 +55,7 @@ import torch
 from torch import fx, nn
 
 from . import pipeline
+from .checkpoint._model import model_class
 from .codes import NESTED_BLOCKSIZE
 from .config import QLoRAConfig
 from .format import QuantizedWeight, _check_float_dtype
@@ -171,22 +172,6 @@ def resolve_dtype(name: str, config) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-
-def model_class(config):
-    """The class `config.architectures[0]` names, else a causal LM, else the base model."""
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-        try:
-            return auto._model_mapping[type(config)]
-        except KeyError:
-            continue
-    raise ValueError(f"transformers has no model class for model_type {config.model_type!r}")
 
 
 def with_layers(config, layers: int | None):

@@ -16,18 +16,24 @@ from torch import nn
 
 
 def model_class(config, auto_class=None):
-    """The class the checkpoint was saved from (`config.architectures[0]`), else `auto_class`."""
+    """The class the checkpoint was saved from (`config.architectures[0]`), else `auto_class`'s
+    (default: a causal LM), else the base model's.
+
+    Raises:
+        ValueError: transformers has no model class for the config's model_type.
+    """
     import transformers
 
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    auto_class = auto_class or transformers.AutoModelForCausalLM
-    try:
-        return auto_class._model_mapping[type(config)]
-    except KeyError:
-        return transformers.AutoModel._model_mapping[type(config)]
+    for auto in (auto_class or transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            return auto._model_mapping[type(config)]
+        except KeyError:
+            continue
+    raise ValueError(f"transformers has no model class for model_type {config.model_type!r}")
 
 
 @contextlib.contextmanager

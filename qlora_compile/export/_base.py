@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ..adapters import CONFIG_NAME as ADAPTER_CONFIG
 from ..adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from ..checkpoint._model import model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
 from ..format import QuantizedWeight, quantize_weight
 
@@ -56,17 +57,6 @@ class QuantOptions:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
-
-
-def model_class(config):
-    """The transformers class named in config.architectures (else AutoModelForCausalLM's choice)."""
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM._model_mapping[type(config)]
 
 
 def empty_model(config, device: str = "meta"):
