@@ -45,9 +45,9 @@ from torch import nn
 from . import inspect as _inspect
 from .config import QLoRAConfig
 from .lora import QLoRALinear
+from .optim.adamw import RESIDENT_BELOW, state_nbytes_for
 
-PAGED_MIN_NUMEL = 100_000
-EIGHT_BIT_MIN_NUMEL = 4096
+PAGED_MIN_NUMEL = RESIDENT_BELOW  # the paged optimizer's rule: smaller tensors' states stay resident
 DEFAULT_BUDGET_FRACTION = 0.10
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -75,9 +75,7 @@ def optimizer_state_bytes(numels: list[int], optim_bits: int) -> int:
 def _state_bytes(n: int, optim_bits: int) -> int:
     if optim_bits not in (32, 8):
         raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
-    if optim_bits == 8 and n >= EIGHT_BIT_MIN_NUMEL:
-        return 2 * n + 2 * 4 * math.ceil(n / 256)
-    return 8 * n
+    return state_nbytes_for(n, optim_bits)
 
 
 def optimizer_state_split(

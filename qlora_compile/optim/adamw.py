@@ -43,7 +43,11 @@ def _blocks(n: int) -> int:
     return -(-n // BLOCK)
 
 
-def state_nbytes_for(numel: int, optim_bits: int, min_8bit_size: int = 4096) -> int:
+MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit states (bitsandbytes' min_8bit_size)
+RESIDENT_BELOW = 100_000  # states of smaller tensors stay on the device (bitsandbytes: 1e5)
+
+
+def state_nbytes_for(numel: int, optim_bits: int, min_8bit_size: int = MIN_8BIT_SIZE) -> int:
     """Bytes of AdamW states for a tensor of `numel` elements (the memory planner's formula)."""
     if optim_bits == 8 and numel >= min_8bit_size:
         return 2 * numel + 2 * 4 * _blocks(numel)
@@ -115,8 +119,8 @@ class PagedAdamW(torch.optim.Optimizer):
         device_budget: int | None = None,
         *,
         page_elements: int = 2**18,
-        min_8bit_size: int = 4096,
-        resident_below: int = 100_000,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+        resident_below: int = RESIDENT_BELOW,
         page_dir: str | None = None,
         fused: bool = False,
     ):
