@@ -82,11 +82,11 @@ def translation_table() -> dict:
         )
         return y if bias is None else op.Add(y, bias)
 
-    def linear(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, kernel="auto"):
+    def linear(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, impl="auto"):
         return base(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape)
 
     def lora_linear(x, xl, packed, absmax, nested_absmax, offset, bias, lora_A, lora_B, scaling, quant_type,
-                    blocksize, shape, out_dtype, kernel="auto"):  # fmt: skip
+                    blocksize, shape, out_dtype, impl="auto"):  # fmt: skip
         y = base(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape)
         lora = op.MatMul(op.MatMul(xl, op.Transpose(lora_A, perm=[1, 0])), op.Transpose(lora_B, perm=[1, 0]))
         return op.Add(y, op.Mul(lora, op.Constant(value_float=float(scaling))))

@@ -74,11 +74,11 @@ def linear(
     quant_type: str,
     blocksize: int,
     shape: list[int],
-    kernel: str = "auto",
+    impl: str = "auto",
 ) -> Tensor:
     """`x @ W.T + bias`, W (out_features, in_features) in the 4-bit format.
 
-    `kernel` is "auto" (chosen per call by shape) or what passes/choose_kernel.py fixed for a
+    `impl` (the kernel) is "auto" (chosen per call by shape) or what passes/choose_kernel.py fixed for a
     static shape: "gemv", "fused" or "dequant_matmul" on CUDA; the CPU has one, "dequant_matmul".
     """
     _check_linear(x, shape)
@@ -86,14 +86,14 @@ def linear(
         from . import triton_matmul
 
         return triton_matmul.linear(
-            x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, kernel
+            x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, impl
         )
     w = _dense(packed, absmax, nested_absmax, offset, quant_type, blocksize, shape, x.dtype, scratch=True)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))  # w is dropped here
 
 
 @linear.register_fake
-def _(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, kernel="auto"):
+def _(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, impl="auto"):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
@@ -129,7 +129,7 @@ def _setup_linear(ctx, inputs, output) -> None:
     ctx.save_for_backward(packed, absmax, nested_absmax, offset)  # 4-bit tensors only, never W
     ctx.quant = (quant_type, blocksize, shape)
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.n_inputs = len(inputs)  # `kernel` may have been left to its default
+    ctx.n_inputs = len(inputs)  # `impl` may have been left to its default
 
 
 def _linear_backward(ctx, grad):
@@ -162,21 +162,21 @@ def lora_linear(
     blocksize: int,
     shape: list[int],
     out_dtype: torch.dtype,
-    kernel: str = "auto",
+    impl: str = "auto",
 ) -> Tensor:
     """`(x W^T + b).to(out_dtype) + ((xl A^T) B^T * scaling).to(out_dtype)`.
 
     x is the base input in the compute dtype; xl the LoRA input (after dropout) in the adapters'
     dtype. Same values as the unfused QLoRALinear forward, one node instead of eight.
     """
-    base = linear(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, kernel)
+    base = linear(x, packed, absmax, nested_absmax, offset, bias, quant_type, blocksize, shape, impl)
     lora = F.linear(F.linear(xl, lora_A), lora_B) * scaling
     return base.to(out_dtype) + lora.to(out_dtype)
 
 
 @lora_linear.register_fake
 def _(x, xl, packed, absmax, nested_absmax, offset, bias, lora_A, lora_B, scaling, quant_type, blocksize, shape,
-      out_dtype, kernel="auto"):  # fmt: skip
+      out_dtype, impl="auto"):  # fmt: skip
     return x.new_empty((*x.shape[:-1], shape[0]), dtype=out_dtype)
 
 
@@ -201,7 +201,7 @@ def _setup_lora_linear(ctx, inputs, output) -> None:
     ctx.quant = (quant_type, blocksize, shape)
     ctx.scaling, ctx.x_dtype = scaling, x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.n_inputs = len(inputs)  # `kernel` may have been left to its default
+    ctx.n_inputs = len(inputs)  # `impl` may have been left to its default
 
 
 def lora_grads(xl, lora_A, lora_B, g_lora, need_xl: bool, need_A: bool, need_B: bool):

@@ -57,7 +57,7 @@ def lora_linear_cat(
     out_features: list[int],
     in_features: int,
     out_dtype: torch.dtype,
-    kernel: str,
+    impl: str,
 ) -> Tensor:
     """cat_i[(x W_i^T).to(out_dtype) + ((xl A_i^T) B_i^T * scaling).to(out_dtype)] (+ bias, the
     members' biases concatenated, zeros where one had none).
@@ -71,7 +71,7 @@ def lora_linear_cat(
     bias = None if bias is None else bias.to(x.dtype)
     if x.device.type == "cuda":
         base = torch.cat(
-            [linear(x, p, a, nb, off, None, quant_type, blocksize, [n, k], kernel)
+            [linear(x, p, a, nb, off, None, quant_type, blocksize, [n, k], impl)
              for p, a, nb, off, n in zip(packed, absmax, nested, offsets, out_features, strict=True)],
             dim=-1,
         )  # fmt: skip
@@ -91,7 +91,7 @@ def lora_linear_cat(
 
 @lora_linear_cat.register_fake
 def _(x, xl, packed, absmax, nested_absmax, offset, bias, lora_A, lora_B, scaling, quant_type, blocksize,
-      out_features, in_features, out_dtype, kernel):  # fmt: skip
+      out_features, in_features, out_dtype, impl):  # fmt: skip
     return x.new_empty((*x.shape[:-1], sum(out_features)), dtype=out_dtype)
 
 
@@ -139,7 +139,7 @@ def _backward(ctx, grad):
         grad_xl, grad_A, grad_B = _lora_grads_each(xl, lora_A, lora_B, g_lora, out_features, need)
     none = [None] * ctx.n
     stats = none if ctx.has_nested else []
-    # one gradient per input, lists for list inputs, then the 7 non-tensor arguments. (`kernel` has
+    # one gradient per input, lists for list inputs, then the 7 non-tensor arguments. (`impl` has
     # no default here: with list inputs autograd checks this against the arguments as passed.)
     return (grad_x, grad_xl, none, none, stats, stats, grad_bias, grad_A, grad_B, *[None] * 7)
 

@@ -2,7 +2,7 @@
 
 Matches every `qlora::linear`, `qlora::lora_linear` and `qlora::lora_linear_cat` node whose input
 has a static number of rows.
-Produces the same call with its `kernel` argument fixed: on CUDA "gemv" for one row, "fused" below
+Produces the same call with its `impl` argument fixed: on CUDA "gemv" for one row, "fused" below
 1024 rows, "dequant_matmul" above; on CPU "dequant_matmul" (dequantize into a workspace, then BLAS).
 Keeps: nodes with a symbolic row count stay "auto" and choose per call at run time.
 """
@@ -16,7 +16,7 @@ from torch import fx
 
 from ._match import example_value, graph_modules, is_op
 
-_KERNEL_ARG = {"linear": 9, "lora_linear": 14, "lora_linear_cat": 15}  # position of `kernel` in each op
+_KERNEL_ARG = {"linear": 9, "lora_linear": 14, "lora_linear_cat": 15}  # position of `impl` (the kernel) in each op
 
 
 def _rows(x: torch.Tensor) -> int | None:
@@ -54,7 +54,7 @@ def choose_kernel(gm: fx.GraphModule) -> Counter:
                 counts["auto"] += 1
                 continue
             position = _KERNEL_ARG[name]
-            assert len(node.args) >= position, node.format_node()  # every argument before kernel is given
+            assert len(node.args) >= position, node.format_node()  # every argument before impl is given
             node.args = (*node.args[:position], kernel)
             counts[kernel] += 1
             changed = True
