@@ -1,0 +1,155 @@
+"""What the README tells a user to run, with compile()'s defaults: backend="inductor" (C++ codegen on
+this CPU), gradient checkpointing, batches padded per batch so their shapes change, generate() with
+a growing KV cache, and transformers.Trainer with a padding collator.
+
+Each test compiles the same small Llama, so Inductor's FX graph cache (cold at the start of the
+session) serves graphs a previous test in this file already lowered. Only compute_dtype=float32 and
+lora_dropout=0 are changed where a test compares with eager (bf16 and dropout draws would not be
+comparable at 1e-5); r is small to keep the model small.
+"""
+
+import copy
+
+import pytest
+import tokenizers
+import torch
+import transformers
+from tokenizers.models import WordLevel
+
+import qlora_compile
+from qlora_compile import QLoRALinear
+
+VOCAB = 128
+EXACT = {"r": 8, "compute_dtype": torch.float32, "lora_dropout": 0.0}
+
+
+def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+def randomize_lora_B(model, seed: int = 1) -> None:
+    """A non-zero B, so the LoRA branch changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QLoRALinear):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A word-level tokenizer over the model's vocabulary ("w0" pads), so transformers' own
+    collators pad the batches."""
+    model = WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w1")
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", unk_token="w1")
+
+
+def examples(lengths, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(2, VOCAB, (n,), generator=g).tolist()} for n in lengths]
+
+
+# batches as a loader yields them: padded to their longest row; five distinct lengths and a last,
+# smaller batch
+BATCHES = [[16, 9, 12, 5], [23, 20, 7, 11], [9, 4, 6, 8], [31, 17, 25, 3], [12, 10, 6]]
+
+
+def train(model, batches) -> list[float]:
+    model.train()
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        model.qlora.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_training_with_changing_shapes_matches_eager(tokenizer):
+    collate = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    batches = [collate(examples(lengths, seed=i)) for i, lengths in enumerate(BATCHES)]
+    assert len({tuple(b["input_ids"].shape) for b in batches}) == len(BATCHES)
+    assert (batches[0]["labels"] == -100).any()  # padded rows, masked out of the loss
+
+    torch._dynamo.reset()
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    qlora_compile.compile(model, **EXACT)
+    qlora_compile.compile(reference, **EXACT, backend="eager")
+    reference.load_state_dict(model.state_dict())
+    assert model.qlora.config.backend == "inductor" and model.is_gradient_checkpointing
+
+    compiled = train(model, batches)
+    with torch.compiler.set_stance("force_eager"):
+        eager = train(reference, batches)
+    for step, (a, b) in enumerate(zip(compiled, eager, strict=True)):
+        assert abs(a - b) <= 1e-5, f"step {step}: compiled {a:.7f}, eager {b:.7f}"
+    assert compiled[-1] != compiled[0]
+    # the first shape compiles static graphs, the second switches to dynamic sizes, and the batch
+    # size change marks the batch dimension dynamic too: nothing more for the other lengths
+    report = model.qlora.report()
+    assert report.graphs <= 3, report
+    assert report.passes["fuse_lora"] > 0 and report.passes.get("kernel:auto", 0) > 0
+
+
+def test_generate_default_backend_equals_eager():
+    torch._dynamo.reset()
+    model = tiny_llama().eval()
+    qlora_compile.compile(model, r=8)
+    randomize_lora_B(model)
+    assert model.qlora.config.backend == "inductor"
+    g = torch.Generator().manual_seed(3)
+    # two prompts of different lengths, left-padded in one batch, then a longer prompt alone
+    short, long = torch.randint(2, VOCAB, (5,), generator=g), torch.randint(2, VOCAB, (9,), generator=g)
+    ids = torch.stack([torch.cat([torch.zeros(4, dtype=torch.long), short]), long])
+    mask = (torch.arange(9) >= torch.tensor([[4], [0]])).long()
+    prompts = [
+        {"input_ids": ids, "attention_mask": mask},
+        {"input_ids": torch.randint(2, VOCAB, (1, 13), generator=g)},
+    ]
+    for prompt in prompts:
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        with torch.compiler.set_stance("force_eager"):
+            eager = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert out.shape == (prompt["input_ids"].shape[0], prompt["input_ids"].shape[1] + 8)
+        assert torch.equal(out, eager)
+    assert model.qlora.report().graphs >= 1
+
+
+def test_trainer_with_padding_collator_default_backend(tokenizer, tmp_path):
+    """transformers.Trainer, the collator padding each batch to its longest row: the same logged
+    losses as the same run in eager mode, and the compiled path is the one that ran."""
+    collate = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    data = examples([16, 9, 12, 5, 23, 20, 7, 11, 9, 4, 6, 8, 31, 17, 25, 3, 12, 10, 6], seed=7)
+
+    def run(model, directory):
+        args = transformers.TrainingArguments(
+            output_dir=str(directory), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2,
+            report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
+            dataloader_drop_last=False,
+        )  # fmt: skip
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    torch._dynamo.reset()
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    qlora_compile.compile(model, **EXACT)
+    qlora_compile.compile(reference, **EXACT, backend="eager")
+    reference.load_state_dict(model.state_dict())
+    compiled = run(model, tmp_path / "compiled")
+    with torch.compiler.set_stance("force_eager"):
+        eager = run(reference, tmp_path / "eager")
+    assert len(compiled) == 5
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)  # the log rounds to 4 digits
+    assert compiled[-1] < compiled[0]
+    report = model.qlora.report()
+    assert report.graphs >= 1 and report.passes["fuse_lora"] > 0
