@@ -87,9 +87,11 @@ def test_peft_adapter_loads_at_peft_scale(base_dir, tmp_path, case):
         assert (logits(model) - expected).abs().max() > 100 * TOL["atol"]
 
 
-def test_rank_change_rebuilds_the_optimizer(base_dir, tmp_path):
+@pytest.mark.parametrize("in_backward", [False, True], ids=["step", "step_in_backward"])
+def test_rank_change_rebuilds_the_optimizer(base_dir, tmp_path, in_backward):
     peft_adapter(base_dir, tmp_path / "a", rank_pattern={"q_proj": 4})
-    model = ours(base_dir)
+    settings = dict(step_in_backward=True, max_grad_norm=None) if in_backward else {}
+    model = ours(base_dir, **settings)
     old = model.qlora.optimizer
     qlora_compile.load_adapter(model, tmp_path / "a")
     q = model.model.layers[0].self_attn.q_proj
@@ -101,9 +103,11 @@ def test_rank_change_rebuilds_the_optimizer(base_dir, tmp_path):
     assert {id(p) for p in params} == {id(p) for p in model.qlora.trainable_parameters()}
     assert len(params) == 28 and any(p is q.lora_A.weight for p in params)
     before = q.lora_A.weight.detach().clone()
-    model(IDS, labels=IDS).loss.backward()
-    model.qlora.step()
+    model(IDS, labels=IDS).loss.backward()  # with step_in_backward, the new hooks step here
+    if not in_backward:
+        model.qlora.step()
     assert not torch.equal(q.lora_A.weight, before)
+    assert q.lora_A.weight.grad is None
 
 
 def test_mixed_ranks_and_alphas_save_for_peft(base_dir, tmp_path):
