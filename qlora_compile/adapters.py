@@ -269,7 +269,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     `rank_pattern` / `alpha_pattern`), so it computes what PEFT computes with that adapter. A layer
     whose rank differs gets new `lora_A` / `lora_B` parameters at the adapter's rank: then
     `model.qlora.optimizer` is dropped and rebuilt over the new parameters on its next use (an
-    optimizer you built yourself over the old ones must be rebuilt too).
+    optimizer you built yourself over the old ones must be rebuilt too). Dropout stays the model's
+    (a training setting; the adapter's `lora_dropout` is not applied).
 
     Raises:
         FileNotFoundError: the folder lacks adapter_config.json or adapter_model.safetensors.

@@ -53,8 +53,8 @@ class QLoRALinear(QuantizedLinear):
     ):
         super().__init__(weight, bias)
         self.compute_dtype = compute_dtype
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._new_adapters(r, weight.device, adapter_dtype)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.set_scale(lora_alpha, use_rslora)
 
     def _new_adapters(self, r: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -73,6 +73,8 @@ class QLoRALinear(QuantizedLinear):
         the old dtype, device and requires_grad; the scaling follows. Returns whether they were
         re-created (not when `r` is already the rank): new parameters, so an optimizer built over
         the old ones must be rebuilt."""
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
         if r == self.r:
             return False
         old = self.lora_A.weight
