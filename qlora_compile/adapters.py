@@ -2,25 +2,165 @@
 
 `save_adapter(model, dir)` writes `adapter_config.json` and `adapter_model.safetensors` with keys
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, which
-`peft.PeftModel.from_pretrained(base, dir)` loads; `load_adapter(model, dir)` reads the same
-format (ours or PEFT's) into a compiled model's QLoRA layers, checking every key and shape.
+`peft.PeftModel.from_pretrained(base, dir)` loads. `AdapterFolder(dir)` is the one reader of that
+format (ours or PEFT's): `load_adapter` and the exports (`qlora_compile.export`) both use it, so
+both give each module PEFT's rank and scaling: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with
+`use_rslora`, with `r` and `lora_alpha` per module from `rank_pattern` / `alpha_pattern`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from .lora import QLoRALinear
+from .lora import QLoRALinear, lora_scaling
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+# PEFT's key, optionally with an adapter name (`.lora_A.default.weight`): (module, "A" or "B").
+_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+# Initializations that change the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ): such an
+# adapter only fits the modified base, unless PEFT converted it to plain LoRA when saving.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# (config option, is it set?, why it is refused): what plain LoRA on a frozen base cannot express.
+_UNSUPPORTED = (
+    ("use_dora", bool, "DoRA adds a learned magnitude per output feature"),
+    ("modules_to_save", bool, "it carries full copies of modules"),
+    ("lora_bias", bool, "lora_B has a bias"),
+    ("bias", lambda v: v not in (None, "none"), "it trains the base layers' biases"),
+    ("use_qalora", bool, "QA-LoRA pools the LoRA input"),
+    ("layer_replication", bool, "it duplicates base layers"),
+    ("trainable_token_indices", bool, "it trains embedding rows"),
+    ("target_parameters", bool, "it adapts parameters, not linear modules"),
+    ("alora_invocation_tokens", bool, "activated LoRA depends on the input tokens"),
+    ("arrow_config", bool, "Arrow routes between several adapters"),
+    (
+        "init_lora_weights",
+        lambda v: isinstance(v, str) and v.lower().startswith(_BASE_CHANGING_INITS),
+        "this initialization changed the base weights (save it with PEFT's "
+        "path_initial_model_for_weight_conversion to get a plain LoRA adapter)",
+    ),
+)
+
+
+def _match_pattern(patterns: dict, module: str, default):
+    """PEFT's `get_pattern_key`: the first key `k` (a regex) with `(.*\\.)?(k)$` matching the
+    module's full name gives its value; else the default."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class AdapterFolder:
+    """A PEFT-format LoRA adapter folder (ours or PEFT's), read and validated.
+
+    Attributes:
+        dir: the folder.
+        config: adapter_config.json as read.
+        use_rslora: scale by lora_alpha / sqrt(r) instead of lora_alpha / r.
+        pairs: module name -> {"A": (r, in_features), "B": (out_features, r)} tensors as stored.
+
+    Raises:
+        FileNotFoundError: adapter_config.json or adapter_model.safetensors is missing.
+        ValueError: not a LoRA adapter, an option plain LoRA cannot express (DoRA, modules_to_save,
+            ...), entries other than lora_A / lora_B, or a rank that is not the config's.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (self.dir / name).exists():
+                raise FileNotFoundError(f"{self.dir / name} does not exist (not a LoRA adapter folder)")
+        self.config = json.loads((self.dir / CONFIG_NAME).read_text())
+        self._check_config()
+        self.use_rslora = bool(self.config.get("use_rslora", False))
+        self.pairs = self._read_weights()
+        self._check_ranks()
+
+    def _check_config(self) -> None:
+        peft_type = self.config.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"{self.dir}: only LoRA adapters are supported, got peft_type {peft_type!r}")
+        for option, is_set, why in _UNSUPPORTED:
+            value = self.config.get(option)
+            if value is not None and is_set(value):
+                raise ValueError(
+                    f"{self.dir}: {option}={value!r} is not supported ({why}); only plain LoRA "
+                    "adapters (use_rslora, rank_pattern and alpha_pattern allowed) can be read"
+                )
+        for option in ("r", "lora_alpha"):
+            if option not in self.config:
+                raise ValueError(f"{self.dir}: {CONFIG_NAME} has no {option!r}")
+
+    def _read_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        unknown, twice = [], []
+        with safe_open(str(self.dir / WEIGHTS_NAME), "pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open objects are not iterable)
+                m = _KEY.match(key)
+                if m is None:
+                    unknown.append(key)
+                    continue
+                pair = pairs.setdefault(m.group(1), {})
+                if m.group(2) in pair:
+                    twice.append(key)
+                pair[m.group(2)] = st.get_tensor(key)
+        if unknown:
+            raise ValueError(f"{self.dir}: unsupported adapter entries {unknown[:5]} (only lora_A/lora_B)")
+        if twice:
+            raise ValueError(
+                f"{self.dir}: entries {twice[:5]} repeat a module (several adapters in one file?)"
+            )
+        half = [m for m, p in pairs.items() if set(p) != {"A", "B"}]
+        if half:
+            raise ValueError(f"{self.dir}: modules {half[:5]} lack lora_A or lora_B")
+        if not pairs:
+            raise ValueError(f"{self.dir}: the adapter holds no LoRA weights")
+        return pairs
+
+    def _check_ranks(self) -> None:
+        problems = []
+        for module, p in self.pairs.items():
+            a, b, r = p["A"], p["B"], self.rank(module)
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+                problems.append(f"{module}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} for rank {r}")
+        if problems:
+            raise ValueError(
+                f"{self.dir}: tensors do not have the config's ranks: " + "; ".join(problems[:10])
+            )
+
+    def modules(self) -> list[str]:
+        return list(self.pairs)
+
+    def rank(self, module: str) -> int:
+        """r of `module`: its rank_pattern entry, else the config's r."""
+        return _match_pattern(self.config.get("rank_pattern"), module, self.config["r"])
+
+    def alpha(self, module: str) -> float:
+        """lora_alpha of `module`: its alpha_pattern entry, else the config's lora_alpha."""
+        return _match_pattern(self.config.get("alpha_pattern"), module, self.config["lora_alpha"])
+
+    def scaling(self, module: str) -> float:
+        """PEFT's scaling of `module`'s branch: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return lora_scaling(self.rank(module), self.alpha(module), self.use_rslora)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """scaling * B @ A in fp32, (out_features, in_features)."""
+        a, b = self.pairs[module]["A"].float(), self.pairs[module]["B"].float()
+        return (b @ a) * self.scaling(module)
 
 
 def _layers(model: nn.Module) -> dict[str, QLoRALinear]:
@@ -44,8 +184,34 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(partial, path)  # a crash leaves the old file or none, never half of one
 
 
+def _scale_config(layers: dict[str, QLoRALinear]) -> dict:
+    """r, lora_alpha and use_rslora, with rank_pattern / alpha_pattern for the layers that differ
+    from the most common value (each pattern anchored to one full module name)."""
+    rslora = {layer.use_rslora for layer in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("some layers use rsLoRA and others do not: PEFT's format cannot say so")
+    for name, layer in layers.items():
+        expected = lora_scaling(layer.r, layer.lora_alpha, layer.use_rslora)
+        if abs(layer.scaling - expected) > 1e-12 * abs(expected):
+            raise ValueError(
+                f"{name}: scaling {layer.scaling} is not PEFT's {expected} for r={layer.r}, "
+                f"lora_alpha={layer.lora_alpha}: set it with QLoRALinear.set_scale"
+            )
+    config: dict = {"use_rslora": rslora.pop()}
+    for key, pattern, attr in (("r", "rank_pattern", "r"), ("lora_alpha", "alpha_pattern", "lora_alpha")):
+        values = {name: getattr(layer, attr) for name, layer in layers.items()}
+        default = Counter(values.values()).most_common(1)[0][0]
+        config[key] = default
+        config[pattern] = {f"^{re.escape(n)}": v for n, v in values.items() if v != default}
+    return config
+
+
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write the model's LoRA adapters in PEFT's format into `directory` (created if needed)."""
+    """Write the model's LoRA adapters in PEFT's format into `directory` (created if needed).
+
+    Layers with another rank or lora_alpha than the most common one get `rank_pattern` /
+    `alpha_pattern` entries (`^<full module name>`), so PEFT rebuilds every layer as it is here.
+    """
     layers = _layers(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -55,12 +221,15 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     for name, layer in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+    scale = _scale_config(layers)
     config = {
         "peft_type": "LORA",
         "task_type": _task_type(model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "r": first.r,
-        "lora_alpha": first.lora_alpha,
+        "r": scale["r"],
+        "lora_alpha": scale["lora_alpha"],
+        "rank_pattern": scale["rank_pattern"],
+        "alpha_pattern": scale["alpha_pattern"],
         "lora_dropout": dropout,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
         "bias": "none",
@@ -68,7 +237,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_rslora": False,
+        "use_rslora": scale["use_rslora"],
         "use_dora": False,
     }
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -76,44 +245,53 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def _strip(key: str) -> str:
-    """`<path>.lora_A.weight` from PEFT's key (which may carry an adapter name: `.lora_A.default.`)."""
-    key = key.removeprefix(_PREFIX)
-    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+def _fit_problems(adapter: AdapterFolder, layers: dict[str, QLoRALinear]) -> list[str]:
+    problems = [f"missing {n}.lora_{ab}.weight" for n in sorted(layers.keys() - adapter.pairs) for ab in "AB"]
+    problems += [
+        f"unexpected {n}.lora_{ab}.weight" for n in sorted(adapter.pairs.keys() - layers) for ab in "AB"
+    ]
+    for name, layer in layers.items():
+        if name not in adapter.pairs:
+            continue
+        a, b = adapter.pairs[name]["A"], adapter.pairs[name]["B"]
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+            problems.append(
+                f"{name}: lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)} does not give the layer's "
+                f"({layer.out_features}, {layer.in_features})"
+            )
+    return problems
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load adapters written by `save_adapter` or by PEFT into the model's QLoRA layers.
 
+    Each layer takes the adapter's rank, lora_alpha and rsLoRA setting (PEFT's rules, with
+    `rank_pattern` / `alpha_pattern`), so it computes what PEFT computes with that adapter. A layer
+    whose rank differs gets new `lora_A` / `lora_B` parameters at the adapter's rank: then
+    `model.qlora.optimizer` is dropped and rebuilt over the new parameters on its next use (an
+    optimizer you built yourself over the old ones must be rebuilt too). Dropout stays the model's
+    (a training setting; the adapter's `lora_dropout` is not applied).
+
     Raises:
         FileNotFoundError: the folder lacks adapter_config.json or adapter_model.safetensors.
-        ValueError: rank, keys or shapes do not match the model (all mismatches are listed).
+        ValueError: an unsupported adapter (see `AdapterFolder`), or modules and shapes that do not
+            match the model (all mismatches are listed).
     """
-    directory = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).exists():
-            raise FileNotFoundError(f"{directory / name} does not exist")
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise ValueError(
-            f"{directory}: only plain LoRA adapters are supported, got {config.get('peft_type')}"
-        )
-    tensors = {_strip(k): v for k, v in load_file(str(directory / WEIGHTS_NAME)).items()}
+    adapter = AdapterFolder(directory)
     layers = _layers(model)
-    expected = {f"{name}.lora_{ab}.weight" for name in layers for ab in "AB"}
-    problems = [f"missing {k}" for k in sorted(expected - tensors.keys())]
-    problems += [f"unexpected {k}" for k in sorted(tensors.keys() - expected)]
-    for name, layer in layers.items():
-        for ab, target in (("A", layer.lora_A.weight), ("B", layer.lora_B.weight)):
-            t = tensors.get(f"{name}.lora_{ab}.weight")
-            if t is not None and t.shape != target.shape:
-                problems.append(f"{name}.lora_{ab}.weight: shape {tuple(t.shape)} != {tuple(target.shape)}")
+    problems = _fit_problems(adapter, layers)
     if problems:
-        raise ValueError(f"adapter in {directory} does not fit the model: " + "; ".join(problems[:10]))
-    scaling = config["lora_alpha"] / config["r"]
+        raise ValueError(f"adapter in {adapter.dir} does not fit the model: " + "; ".join(problems[:10]))
+    resized = []
     with torch.no_grad():
         for name, layer in layers.items():
-            layer.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
-            layer.lora_B.weight.copy_(tensors[f"{name}.lora_B.weight"])
-            layer.lora_alpha, layer.scaling = config["lora_alpha"], scaling
+            if layer.set_rank(adapter.rank(name)):
+                resized.append(name)
+            layer.set_scale(adapter.alpha(name), adapter.use_rslora)
+            layer.lora_A.weight.copy_(adapter.pairs[name]["A"])
+            layer.lora_B.weight.copy_(adapter.pairs[name]["B"])
+    handle = getattr(model, "qlora", None)
+    if resized and handle is not None:
+        logger.info("load_adapter: %d layers took a new rank; rebuilding model.qlora.optimizer", len(resized))
+        handle.reset_optimizer()
     return model

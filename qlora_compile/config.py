@@ -26,6 +26,7 @@ class QLoRAConfig:
         compute_dtype: dtype the base matmul runs in (inputs are cast to it, outputs cast back).
         r: LoRA rank.
         lora_alpha: LoRA scaling numerator; the branch is scaled by lora_alpha / r.
+        use_rslora: rank-stabilized LoRA: scale by lora_alpha / sqrt(r) instead (PEFT's rule).
         lora_dropout: dropout on the LoRA branch's input.
         target_modules: "all-linear" (every nn.Linear and transformers Conv1D except the output
             head), a list of module names (the last component, as "q_proj", or a full path), or a
@@ -52,6 +53,7 @@ class QLoRAConfig:
     r: int = 64
     lora_alpha: float = 16
     lora_dropout: float = 0.05
+    use_rslora: bool = False
     target_modules: str | Sequence[str] | FilterFn = "all-linear"
     gradient_checkpointing: bool = True
     lr: float = 2e-4
@@ -112,7 +114,19 @@ class QLoRAConfig:
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        from .lora import lora_scaling
+
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+
+    def lora_kwargs(self) -> dict:
+        """The `QLoRALinear` keyword arguments this config sets."""
+        return dict(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            use_rslora=self.use_rslora,
+            compute_dtype=self.compute_dtype,
+        )
 
     def with_overrides(self, **overrides) -> QLoRAConfig:
         """A copy with some fields changed (unknown names raise TypeError listing the known ones)."""

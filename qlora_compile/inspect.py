@@ -127,10 +127,7 @@ def rewrite_storage_meta(model: nn.Module, config: QLoRAConfig) -> list[pipeline
             record.skipped = str(e)
             continue
         qw = _meta_quantized_weight(weight.shape, weight.dtype, config)
-        layer = QLoRALinear(
-            qw, module.bias, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            compute_dtype=config.compute_dtype,
-        )  # fmt: skip
+        layer = QLoRALinear(qw, module.bias, **config.lora_kwargs())
         layer.fan_in_fan_out = not isinstance(module, nn.Linear)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)

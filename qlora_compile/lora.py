@@ -1,6 +1,7 @@
 """`QLoRALinear`: a frozen 4-bit linear layer with a trainable LoRA branch beside it.
 
-    y = base(x) + lora_B(lora_A(dropout(x))) * (lora_alpha / r)
+    y = base(x) + lora_B(lora_A(dropout(x))) * scaling,   scaling = lora_alpha / r
+                                                          (lora_alpha / sqrt(r) with rsLoRA)
 
 as PEFT's `lora.Linear4bit` computes it: the base product runs in `compute_dtype` (the input is
 cast to it and the result cast back), the LoRA branch in the adapters' dtype (fp32), and the two
@@ -20,6 +21,12 @@ from .format import QuantizedWeight, quantize_weight
 from .modules import QuantizedLinear
 
 
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scaling of the LoRA branch: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+    (Kalajdzievski, 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA")."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
 class QLoRALinear(QuantizedLinear):
     """A `QuantizedLinear` plus LoRA adapters.
 
@@ -27,6 +34,7 @@ class QLoRALinear(QuantizedLinear):
         weight: the quantized (out_features, in_features) base weight.
         bias: optional frozen bias.
         r: LoRA rank; lora_alpha: scaling numerator; lora_dropout: dropout on the LoRA input.
+        use_rslora: scale by lora_alpha / sqrt(r) instead of lora_alpha / r.
         compute_dtype: dtype of the base product.
         adapter_dtype: dtype of `lora_A` and `lora_B` (fp32, as PEFT keeps them).
     """
@@ -39,17 +47,42 @@ class QLoRALinear(QuantizedLinear):
         r: int = 64,
         lora_alpha: float = 16,
         lora_dropout: float = 0.05,
+        use_rslora: bool = False,
         compute_dtype: torch.dtype = torch.bfloat16,
         adapter_dtype: torch.dtype = torch.float32,
     ):
         super().__init__(weight, bias)
-        self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_alpha / r
         self.compute_dtype = compute_dtype
-        device = weight.device
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
+        self._new_adapters(r, weight.device, adapter_dtype)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.set_scale(lora_alpha, use_rslora)
+
+    def _new_adapters(self, r: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.r = r
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.reset_lora_parameters()
+
+    def set_scale(self, lora_alpha: float, use_rslora: bool = False) -> None:
+        """Set lora_alpha and rsLoRA, and the scaling PEFT derives from them and the rank."""
+        self.lora_alpha, self.use_rslora = lora_alpha, use_rslora
+        self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
+
+    def set_rank(self, r: int) -> bool:
+        """Re-create `lora_A` (r, in) and `lora_B` (out, r) at rank `r`, freshly initialized, with
+        the old dtype, device and requires_grad; the scaling follows. Returns whether they were
+        re-created (not when `r` is already the rank): new parameters, so an optimizer built over
+        the old ones must be rebuilt."""
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if r == self.r:
+            return False
+        old = self.lora_A.weight
+        self._new_adapters(r, old.device, old.dtype)
+        for p in (self.lora_A.weight, self.lora_B.weight):
+            p.requires_grad_(old.requires_grad)
+        self.set_scale(self.lora_alpha, self.use_rslora)
+        return True
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -78,4 +111,5 @@ class QLoRALinear(QuantizedLinear):
         return base.to(x.dtype) + lora.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, compute_dtype={self.compute_dtype}"
+        rs = ", use_rslora=True" if self.use_rslora else ""
+        return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}{rs}, compute_dtype={self.compute_dtype}"

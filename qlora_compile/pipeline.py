@@ -143,10 +143,7 @@ def _new_layer(module: nn.Module, config: QLoRAConfig) -> QLoRALinear:
         quant_type=config.quant_type,
         blocksize=config.blocksize,
         double_quant=config.double_quant,
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        compute_dtype=config.compute_dtype,
+        **config.lora_kwargs(),
     )
 
 
@@ -158,10 +155,7 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
         kind = type(module).__name__
         if type(module) is QuantizedLinear:  # keep its bytes: no dequantize / requantize
             qw = module.quantized_weight
-            layer = QLoRALinear(
-                qw, module.bias, r=config.r, lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout, compute_dtype=config.compute_dtype,
-            )  # fmt: skip
+            layer = QLoRALinear(qw, module.bias, **config.lora_kwargs())
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
             rewrites.append(Rewrite(name, kind, tuple(qw.shape), qw.nbytes, bytes_after=qw.nbytes))
@@ -240,6 +234,16 @@ class QLoRAHandle:
                     per_parameter=c.clip_per_parameter,
                 )
         return self._optimizer
+
+    def reset_optimizer(self) -> None:
+        """Drop the optimizer (and its step-in-backward hooks): the next `optimizer` is built over
+        the parameters the model has then (`load_adapter` calls this when it re-creates adapters
+        at another rank). Its states are lost."""
+        if self._hooks is not None:
+            self._hooks.remove()
+        self._optimizer, self._hooks = None, None
+        if self.config.step_in_backward:
+            self.optimizer  # noqa: B018 (hooks on the new parameters before the next backward)
 
     def step(self) -> float:
         """Clip gradients to `max_grad_norm`, step the optimizer, zero the gradients; returns the

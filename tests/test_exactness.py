@@ -1,63 +1,19 @@
-"""Against the reference stack: transformers + bitsandbytes 4-bit + PEFT LoRA with the same weights.
-
-bitsandbytes repacks 4-bit weights for its CPU kernel, rounding absmax to bf16, on its first
-eval-mode forward on AVX512-BF16 CPUs; the reference runs in train mode (dropout 0) to stay on its
-exact path.
-"""
+"""Against the reference stack: transformers + bitsandbytes 4-bit + PEFT LoRA with the same weights
+(tests/peft_oracle.py; the reference runs in train mode with dropout 0, see there)."""
 
 import pytest
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft_oracle import ALPHA, R, bnb_base, llama_folder, ours, peft_lora_modules
 
 import qlora_compile
 from qlora_compile import QLoRALinear
 
-R, ALPHA = 8, 16
-
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
-def ours(base_dir, seed=1):
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    qlora_compile.compile(
-        model, r=R, lora_alpha=ALPHA, lora_dropout=0.0, compute_dtype=torch.float32,
-        backend="aot_eager", gradient_checkpointing=False,
-    )  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, QLoRALinear):  # a non-zero B, so the branch matters
-                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.02)
-    return model.train()
-
-
-def bnb_base(base_dir):
-    quant = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )  # fmt: skip
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        base_dir, quantization_config=quant, device_map="cpu", dtype=torch.float32
-    )
-
-
-def peft_lora_modules(model):
-    return {
-        name.removeprefix("base_model.model."): m
-        for name, m in model.named_modules()
-        if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict) and "default" in m.lora_A
-    }
+    return llama_folder(tmp_path_factory.mktemp("llama"))
 
 
 def reference(base_dir, our_model):

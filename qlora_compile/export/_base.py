@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..adapters import CONFIG_NAME as ADAPTER_CONFIG
-from ..adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from ..adapters import AdapterFolder
 from ..checkpoint._model import model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
 from ..format import QuantizedWeight, quantize_weight
@@ -187,73 +186,21 @@ class BaseModel:
                 yield "quantized", module
 
 
-class Adapter:
-    """A PEFT-format LoRA adapter (ours or PEFT's): per-module (A, B) and scaling."""
-
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
-        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            if not (self.dir / name).exists():
-                raise FileNotFoundError(f"{self.dir / name} does not exist (not a LoRA adapter folder)")
-        config = json.loads((self.dir / ADAPTER_CONFIG).read_text())
-        if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-            raise ValueError(
-                f"{self.dir}: only plain LoRA adapters are supported, got {config.get('peft_type')}"
+def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
+    """Every adapter module is a quantized linear of the base, with matching shapes."""
+    problems = []
+    for module, p in adapter.pairs.items():
+        if module not in base.quantized:
+            problems.append(f"{module} is not a quantized linear of the base")
+            continue
+        a, b = p["A"], p["B"]
+        shape = _out_in(base, module)
+        if (b.shape[0], a.shape[1]) != shape:
+            problems.append(
+                f"{module}: lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)} does not give the weight's {shape}"
             )
-        if config.get("modules_to_save"):
-            raise ValueError(f"{self.dir}: modules_to_save {config['modules_to_save']} is not supported")
-        self.config = config
-        self.pairs: dict[str, dict[str, torch.Tensor]] = {}
-        unknown = []
-        with safe_open(str(self.dir / ADAPTER_WEIGHTS), "pt") as st:
-            for key in st.keys():  # noqa: SIM118
-                m = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-                if m is None:
-                    unknown.append(key)
-                    continue
-                self.pairs.setdefault(m.group(1), {})[m.group(2)] = st.get_tensor(key)
-        if unknown:
-            raise ValueError(f"{self.dir}: unsupported adapter entries {unknown[:5]} (only lora_A/lora_B)")
-        half = [m for m, p in self.pairs.items() if set(p) != {"A", "B"}]
-        if half:
-            raise ValueError(f"{self.dir}: modules {half[:5]} lack lora_A or lora_B")
-        if not self.pairs:
-            raise ValueError(f"{self.dir}: the adapter holds no LoRA weights")
-
-    def modules(self) -> list[str]:
-        return list(self.pairs)
-
-    def _pattern(self, name: str, module: str, default):
-        for key, value in (self.config.get(name) or {}).items():
-            if re.match(rf"(.*\.)?({key})$", module):
-                return value
-        return default
-
-    def scaling(self, module: str) -> float:
-        r = self._pattern("rank_pattern", module, self.config["r"])
-        alpha = self._pattern("alpha_pattern", module, self.config["lora_alpha"])
-        return alpha / (r**0.5) if self.config.get("use_rslora") else alpha / r
-
-    def delta(self, module: str) -> torch.Tensor:
-        """scaling * B @ A in fp32, (out_features, in_features)."""
-        a, b = self.pairs[module]["A"].float(), self.pairs[module]["B"].float()
-        return (b @ a) * self.scaling(module)
-
-    def check_fits(self, base: BaseModel) -> None:
-        """Every adapter module is a quantized linear of the base, with matching shapes."""
-        problems = []
-        for module, p in self.pairs.items():
-            if module not in base.quantized:
-                problems.append(f"{module} is not a quantized linear of the base")
-                continue
-            a, b = p["A"], p["B"]
-            shape = _out_in(base, module)
-            if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != shape:
-                problems.append(
-                    f"{module}: lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)} does not give the weight's {shape}"
-                )
-        if problems:
-            raise ValueError(f"adapter {self.dir} does not fit base {base.dir}: " + "; ".join(problems[:10]))
+    if problems:
+        raise ValueError(f"adapter {adapter.dir} does not fit base {base.dir}: " + "; ".join(problems[:10]))
 
 
 def _out_in(base: BaseModel, module: str) -> tuple[int, int]:

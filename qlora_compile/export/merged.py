@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import AdapterFolder
 from ..checkpoint._safetensors import SafetensorsWriter
 from ._base import (
-    Adapter,
     BaseModel,
     QuantOptions,
+    check_fits,
     copy_side_files,
     output_folder,
     parse_dtype,
@@ -25,15 +26,15 @@ from ._base import (
 
 
 def open_inputs(base, adapter, quant_type: str, blocksize: int, double_quant: bool):
-    """(BaseModel, Adapter or None), the adapter checked against the base."""
+    """(BaseModel, AdapterFolder or None), the adapter checked against the base."""
     base_model = BaseModel(base, QuantOptions(quant_type, blocksize, double_quant))
-    lora = None if adapter is None else Adapter(adapter)
+    lora = None if adapter is None else AdapterFolder(adapter)
     if lora is not None:
-        lora.check_fits(base_model)
+        check_fits(lora, base_model)
     return base_model, lora
 
 
-def merged_weight(base: BaseModel, adapter: Adapter | None, module: str, dtype: torch.dtype | None):
+def merged_weight(base: BaseModel, adapter: AdapterFolder | None, module: str, dtype: torch.dtype | None):
     """(merged weight in (out, in) layout and the output dtype, fp32 delta or None, the 4-bit weight)."""
     qw = base.quantized_weight(module)
     w = qw.dequantize(torch.float32)

@@ -118,9 +118,9 @@ def build_model(base: BaseModel, adapter=None, merge: bool = False) -> nn.Module
         qw = _plain_absmax(qw)
         if adapter is not None and name in adapter.pairs and not merge:
             a, b = adapter.pairs[name]["A"], adapter.pairs[name]["B"]
-            layer = QLoRALinear(qw, bias, r=a.shape[0], lora_alpha=1.0, lora_dropout=0.0,
+            layer = QLoRALinear(qw, bias, r=adapter.rank(name), lora_alpha=adapter.alpha(name),
+                                lora_dropout=0.0, use_rslora=adapter.use_rslora,
                                 compute_dtype=torch.float32)  # fmt: skip
-            layer.lora_alpha, layer.scaling = adapter.config["lora_alpha"], adapter.scaling(name)
             with torch.no_grad():
                 layer.lora_A.weight.copy_(a)
                 layer.lora_B.weight.copy_(b)

@@ -181,30 +181,3 @@ def test_fp4_without_double_quant_and_sharded_base(llama_dir, tmp_path):
     torch.testing.assert_close(
         logits(load(tmp_path / "merged"), ids), logits(model, ids), atol=2e-6, rtol=1e-5
     )
-
-
-def test_adapter_scaling_rslora_and_patterns(tmp_path):
-    """PEFT's scaling rules: alpha / r, alpha / sqrt(r) with rsLoRA, per-module rank and alpha patterns."""
-    from qlora_compile.export._base import Adapter
-
-    a, b = torch.randn(4, 16), torch.randn(8, 4)
-    save_file(
-        {
-            "base_model.model.m.layers.0.q_proj.lora_A.weight": a,
-            "base_model.model.m.layers.0.q_proj.lora_B.weight": b,
-            "base_model.model.m.layers.0.v_proj.lora_A.default.weight": a.clone(),
-            "base_model.model.m.layers.0.v_proj.lora_B.default.weight": b.clone(),
-        },
-        str(tmp_path / "adapter_model.safetensors"),
-    )
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {"v_proj": 2}}
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    adapter = Adapter(tmp_path)
-    assert sorted(adapter.modules()) == ["m.layers.0.q_proj", "m.layers.0.v_proj"]
-    assert adapter.scaling("m.layers.0.q_proj") == 2.0 and adapter.scaling("m.layers.0.v_proj") == 0.5
-    torch.testing.assert_close(adapter.delta("m.layers.0.q_proj"), 2.0 * b @ a)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
-    assert Adapter(tmp_path).scaling("m.layers.0.q_proj") == 8 / 2
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(ValueError, match="only plain LoRA"):
-        Adapter(tmp_path)

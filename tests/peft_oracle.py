@@ -1,0 +1,61 @@
+"""The reference stack as a test oracle: a small random Llama, our compiled copy of it, and the
+same weights in transformers + bitsandbytes 4-bit (+ PEFT LoRA).
+
+bitsandbytes repacks 4-bit weights for its CPU kernel, rounding absmax to bf16, on its first
+eval-mode forward on AVX512-BF16 CPUs; compare with it in train mode (dropout 0) to stay on its
+exact path.
+"""
+
+import torch
+import transformers
+
+import qlora_compile
+from qlora_compile import QLoRALinear
+
+R, ALPHA = 8, 16
+
+
+def llama_folder(path):
+    """A small random Llama saved as an HF folder at `path`."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def ours(base_dir, seed=1, **overrides):
+    """Our compiled model of `base_dir` (fp32, r=R, alpha=ALPHA, no dropout), lora_B random."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    settings = dict(
+        r=R, lora_alpha=ALPHA, lora_dropout=0.0, compute_dtype=torch.float32,
+        backend="aot_eager", gradient_checkpointing=False,
+    )  # fmt: skip
+    qlora_compile.compile(model, **{**settings, **overrides})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QLoRALinear):  # a non-zero B, so the branch matters
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.02)
+    return model.train()
+
+
+def bnb_base(base_dir):
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=quant, device_map="cpu", dtype=torch.float32
+    )
+
+
+def peft_lora_modules(model):
+    """PEFT's LoRA layers of `model` by their base-model name."""
+    return {
+        name.removeprefix("base_model.model."): m
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict) and "default" in m.lora_A
+    }
