@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,6 +72,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "use_rslora": False,
         "use_dora": False,
     }
+    _add_expert_adapters(model, tensors, config)
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
     return directory
@@ -100,6 +102,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         )
     tensors = {_strip(k): v for k, v in load_file(str(directory / WEIGHTS_NAME)).items()}
     layers = _layers(model)
+    experts = _load_expert_adapters(model, tensors, config)  # takes the experts' keys out of `tensors`
     expected = {f"{name}.lora_{ab}.weight" for name in layers for ab in "AB"}
     problems = [f"missing {k}" for k in sorted(expected - tensors.keys())]
     problems += [f"unexpected {k}" for k in sorted(tensors.keys() - expected)]
@@ -108,12 +111,60 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             t = tensors.get(f"{name}.lora_{ab}.weight")
             if t is not None and t.shape != target.shape:
                 problems.append(f"{name}.lora_{ab}.weight: shape {tuple(t.shape)} != {tuple(target.shape)}")
+    problems += experts.problems
     if problems:
         raise ValueError(f"adapter in {directory} does not fit the model: " + "; ".join(problems[:10]))
     scaling = config["lora_alpha"] / config["r"]
+    experts.apply(config["lora_alpha"], scaling)
     with torch.no_grad():
         for name, layer in layers.items():
             layer.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
             layer.lora_B.weight.copy_(tensors[f"{name}.lora_B.weight"])
             layer.lora_alpha, layer.scaling = config["lora_alpha"], scaling
     return model
+
+
+# ---- LoRA on 3-D expert weights (PEFT's `target_parameters`, `ParamWrapper` keys) ----
+def _add_expert_adapters(model: nn.Module, tensors: dict, config: dict) -> None:
+    """Add the experts' LoRA tensors under PEFT's keys, and `target_parameters` to the config."""
+    from .experts import adapted_experts, peft_lora_parameters
+
+    params = peft_lora_parameters(model)
+    if not params:
+        return
+    tensors.update({f"{_PREFIX}{k}": p.detach().contiguous().cpu() for k, p in params.items()})
+    config["target_parameters"] = sorted({key.rsplit(".", 1)[-1] for key in adapted_experts(model)})
+
+
+@dataclass
+class _ExpertAdapters:
+    problems: list[str]
+    pairs: list[tuple[nn.Parameter, torch.Tensor]]
+    layers: list
+
+    def apply(self, lora_alpha: float, scaling: float) -> None:
+        with torch.no_grad():
+            for param, tensor in self.pairs:
+                param.copy_(tensor)
+        for layer in self.layers:
+            layer.lora_alpha, layer.scaling = lora_alpha, scaling
+
+
+def _load_expert_adapters(model: nn.Module, tensors: dict, config: dict) -> _ExpertAdapters:
+    """Match (and remove from `tensors`) the experts' LoRA keys; list every mismatch."""
+    from .experts import adapted_experts, peft_lora_parameters
+
+    params = peft_lora_parameters(model)
+    problems = [f"missing {k}" for k in sorted(params.keys() - tensors.keys())]
+    if config.get("target_parameters") and not params:
+        problems.append(
+            f"target_parameters {config['target_parameters']}: the model has no experts with LoRA"
+        )
+    pairs = []
+    for key, param in params.items():
+        t = tensors.pop(key, None)
+        if t is not None and t.shape != param.shape:
+            problems.append(f"{key}: shape {tuple(t.shape)} != {tuple(param.shape)}")
+        elif t is not None:
+            pairs.append((param, t))
+    return _ExpertAdapters(problems, pairs, list(adapted_experts(model).values()))
