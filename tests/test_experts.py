@@ -284,3 +284,38 @@ def test_target_parameters_validation():
         QLoRAConfig(target_parameters="gate_up_proj", lora_dropout=0.0)
     with pytest.raises(ValueError, match=r"match no 3-D expert weight.*down_proj"):
         qlora_compile.compile(moe_model("mixtral"), **FAST, target_parameters=["w1"])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_inspect_and_plan_count_the_experts(family, tmp_path):
+    """`inspect` (from config.json alone) gives the real compile's rewrite rows, expert weights
+    included, and its graph; `plan`'s parameter and buffer bytes equal the compiled model's."""
+    from qlora_compile.inspect import inspect_model, rewrite_rows
+    from qlora_compile.plan import plan_memory
+
+    hf_config = FAMILIES[family](2)
+    hf_config.architectures = [type(moe_model(family, 1)).__name__]
+    hf_config.to_json_file(tmp_path / "config.json")
+    config = QLoRAConfig(**FAST, target_parameters=EXPERTS)
+    result = inspect_model(tmp_path / "config.json", layers=None, seq_len=12, dtype="float32", config=config)
+    model = moe_model(family)
+    qlora_compile.compile(model, config)
+    model.train()
+    ids = torch.randint(0, 128, (1, 12))
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    report = model.qlora.report()
+    assert result["rewrites"] == rewrite_rows(report.rewrites)
+    experts = [r for r in result["rewrites"] if r["name"].endswith(tuple(EXPERTS))]
+    assert len(experts) == 4 and all(len(r["shape"]) == 3 and r["status"] == "quantized" for r in experts)
+    assert result["totals"]["bytes_after"] == report.totals()["bytes_after"]
+    assert result["totals"]["graphs"] == report.graphs == 1 and not result["graph_breaks"]
+    assert result["graphs"][0]["our_ops"]["qlora::experts_linear"] == 4
+    assert result["graphs"][0]["our_ops"]["qlora::grouped_mm"] == 8
+
+    plan = plan_memory(tmp_path / "config.json", gpu_memory=10**9, r=4, dtype="float32")
+    plain = moe_model(family)
+    qlora_compile.compile(plain, r=4, backend="eager")
+    tensors = {id(t): t for t in [*plain.parameters(), *plain.buffers()]}.values()
+    assert plan.persistent_bytes == sum(t.numel() * t.element_size() for t in tensors)
+    packed = sum(m.weight_packed.numel() for m in plain.modules() if hasattr(m, "weight_packed"))
+    assert plan.persistent["4-bit weights"] == packed
