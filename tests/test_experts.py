@@ -57,11 +57,11 @@ def randomize_lora(model) -> None:
 class _Fold(nn.Module):
     """W + scaling * B A (per expert for a 3-D weight), differentiable in A and B."""
 
-    def __init__(self, layer, experts: bool):
+    def __init__(self, layer, experts: bool, transposed: bool = False):
         super().__init__()
         self.A = nn.Parameter(layer.lora_A.weight.detach().clone())
         self.B = nn.Parameter(layer.lora_B.weight.detach().clone())
-        self.scaling, self.layer = layer.scaling, layer if experts else None
+        self.scaling, self.layer, self.transposed = layer.scaling, layer if experts else None, transposed
 
     def forward(self, w):
         if self.layer is None:
@@ -69,7 +69,8 @@ class _Fold(nn.Module):
         e, r = self.layer.num_experts, self.layer.r
         a = self.A.view(e, r, -1)
         b = self.B.view(self.B.shape[0], r, e).permute(2, 0, 1)
-        return w + self.scaling * torch.bmm(b, a)
+        delta = torch.bmm(b, a)  # (E, out, in)
+        return w + self.scaling * (delta.transpose(1, 2) if self.transposed else delta)
 
 
 def dense_reference(original: nn.Module, compiled: nn.Module) -> tuple[nn.Module, dict[str, _Fold]]:
@@ -84,11 +85,12 @@ def dense_reference(original: nn.Module, compiled: nn.Module) -> tuple[nn.Module
         elif isinstance(m, QuantizedExperts):
             parent, _, pname = name.rpartition(".")
             target, w = ref.get_submodule(parent), m.dequantize(torch.float32)
+            w = w.transpose(1, 2) if target.is_transposed else w  # stored (E, in, out) there
         else:
             continue
         getattr(target, pname).data.copy_(w)
         if m.lora_A is not None:
-            folds[name] = _Fold(m, isinstance(m, QuantizedExperts))
+            folds[name] = _Fold(m, isinstance(m, QuantizedExperts), getattr(target, "is_transposed", False))
             parametrize.register_parametrization(target, pname, folds[name])
     return ref, folds
 
@@ -162,6 +164,47 @@ def test_logits_and_lora_grads_equal_the_dense_reference(family):
             (layer.lora_B.weight.grad, fold.B.grad),
         ):
             assert theirs.abs().sum() > 0
+            assert (ours - theirs).norm() <= 1e-4 * theirs.norm(), name
+
+
+OTHER_FAMILIES = {
+    "olmoe": lambda: transformers.OlmoeConfig(**SMALL, intermediate_size=32, num_experts=4),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **SMALL, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4
+    ),
+    # experts stored (E, in, out), biases, an interleaved clamped gate (its own _apply_gate)
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **SMALL, intermediate_size=64, head_dim=16, num_local_experts=4, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(OTHER_FAMILIES))
+def test_other_families_equal_the_dense_reference(family):
+    original = transformers.AutoModelForCausalLM.from_config(OTHER_FAMILIES[family]()).float()
+    with torch.no_grad():
+        for name, p in original.named_parameters():
+            if name.endswith("proj_bias"):  # gpt-oss's expert biases start at zero
+                p.normal_(0, 0.02)
+    model = copy.deepcopy(original)
+    ids = torch.randint(0, 128, (2, 12))
+    qlora_compile.compile(model, **FAST, target_parameters=EXPERTS)
+    randomize_lora(model)
+    ref, folds = dense_reference(original, model)
+    model.train()
+    out = model(ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    expected = ref(ids, labels=ids, use_cache=False)
+    expected.loss.backward()
+    torch.testing.assert_close(out.logits, expected.logits, atol=2e-5, rtol=1e-5)
+    assert len(folds) > 8 and model.qlora.report().graphs == 1
+    for name, fold in folds.items():
+        layer = model.get_submodule(name)
+        for ours, theirs in (
+            (layer.lora_A.weight.grad, fold.A.grad),
+            (layer.lora_B.weight.grad, fold.B.grad),
+        ):
             assert (ours - theirs).norm() <= 1e-4 * theirs.norm(), name
 
 
