@@ -34,7 +34,8 @@ def _bounds(counts: Tensor) -> list[tuple[int, int, int]]:
 
 
 def _expert(e: int, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, offset: Tensor | None):
-    return (packed[e], absmax[e], None if nested_absmax is None else nested_absmax[e],
+    # packed (ceil(n / 2), 1), as QuantizedWeight holds it; offset 0-dim
+    return (packed[e].unsqueeze(-1), absmax[e], None if nested_absmax is None else nested_absmax[e],
             None if offset is None else offset[e])  # fmt: skip
 
 
