@@ -15,6 +15,8 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +45,6 @@ _UNSUPPORTED = (
     ("use_qalora", bool, "QA-LoRA pools the LoRA input"),
     ("layer_replication", bool, "it duplicates base layers"),
     ("trainable_token_indices", bool, "it trains embedding rows"),
-    ("target_parameters", bool, "it adapts parameters, not linear modules"),
     ("alora_invocation_tokens", bool, "activated LoRA depends on the input tokens"),
     ("arrow_config", bool, "Arrow routes between several adapters"),
     (
@@ -72,6 +73,14 @@ class AdapterFolder:
         config: adapter_config.json as read.
         use_rslora: scale by lora_alpha / sqrt(r) instead of lora_alpha / r.
         pairs: module name -> {"A": (r, in_features), "B": (out_features, r)} tensors as stored.
+        parameter_tensors: `<module>.lora_A.weight` / `.lora_B.weight` -> tensor, for the modules
+            in `parameter_modules` (LoRA on 3-D expert weights, PEFT's `target_parameters`).
+
+    Args:
+        directory: the adapter folder.
+        parameter_modules: PEFT key prefixes (`<module>` or `<module>.base_layer...`) of LoRA on
+            parameters rather than linear modules; their tensors are kept apart, unchecked here
+            (the model's experts check them). An adapter with `target_parameters` needs them.
 
     Raises:
         FileNotFoundError: adapter_config.json or adapter_model.safetensors is missing.
@@ -79,13 +88,20 @@ class AdapterFolder:
             ...), entries other than lora_A / lora_B, or a rank that is not the config's.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, parameter_modules: Collection[str] | None = None):
         self.dir = Path(directory)
+        self._parameter_modules = set(parameter_modules or ())
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (self.dir / name).exists():
                 raise FileNotFoundError(f"{self.dir / name} does not exist (not a LoRA adapter folder)")
         self.config = json.loads((self.dir / CONFIG_NAME).read_text())
         self._check_config()
+        if self.config.get("target_parameters") and parameter_modules is None:
+            raise ValueError(
+                f"{self.dir}: target_parameters={self.config['target_parameters']!r} (LoRA on MoE "
+                "experts) is read by load_adapter only; the exports do not handle expert weights"
+            )
+        self.parameter_tensors: dict[str, torch.Tensor] = {}
         self.use_rslora = bool(self.config.get("use_rslora", False))
         self.pairs = self._read_weights()
         self._check_ranks()
@@ -114,6 +130,9 @@ class AdapterFolder:
                 if m is None:
                     unknown.append(key)
                     continue
+                if m.group(1) in self._parameter_modules:
+                    self.parameter_tensors[f"{m.group(1)}.lora_{m.group(2)}.weight"] = st.get_tensor(key)
+                    continue
                 pair = pairs.setdefault(m.group(1), {})
                 if m.group(2) in pair:
                     twice.append(key)
@@ -127,7 +146,7 @@ class AdapterFolder:
         half = [m for m, p in pairs.items() if set(p) != {"A", "B"}]
         if half:
             raise ValueError(f"{self.dir}: modules {half[:5]} lack lora_A or lora_B")
-        if not pairs:
+        if not pairs and not self.parameter_tensors:
             raise ValueError(f"{self.dir}: the adapter holds no LoRA weights")
         return pairs
 
@@ -240,6 +259,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "use_rslora": scale["use_rslora"],
         "use_dora": False,
     }
+    _add_expert_adapters(model, tensors, config)
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
     return directory
@@ -277,12 +297,20 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         ValueError: an unsupported adapter (see `AdapterFolder`), or modules and shapes that do not
             match the model (all mismatches are listed).
     """
-    adapter = AdapterFolder(directory)
+    from .experts import peft_lora_parameters
+
+    expert_modules = {key.rsplit(".lora_", 1)[0] for key in peft_lora_parameters(model)}
+    adapter = AdapterFolder(directory, parameter_modules=expert_modules)
     layers = _layers(model)
+    tensors = dict(adapter.parameter_tensors)
+    experts = _load_expert_adapters(model, tensors, adapter.config)  # takes the experts' keys out
     problems = _fit_problems(adapter, layers)
+    problems += [f"unexpected {k}" for k in sorted(tensors)] + experts.problems
     if problems:
         raise ValueError(f"adapter in {adapter.dir} does not fit the model: " + "; ".join(problems[:10]))
     resized = []
+    r, alpha = adapter.config["r"], adapter.config["lora_alpha"]
+    experts.apply(alpha, lora_scaling(r, alpha, adapter.use_rslora))
     with torch.no_grad():
         for name, layer in layers.items():
             if layer.set_rank(adapter.rank(name)):
@@ -295,3 +323,49 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         logger.info("load_adapter: %d layers took a new rank; rebuilding model.qlora.optimizer", len(resized))
         handle.reset_optimizer()
     return model
+
+
+# ---- LoRA on 3-D expert weights (PEFT's `target_parameters`, `ParamWrapper` keys) ----
+def _add_expert_adapters(model: nn.Module, tensors: dict, config: dict) -> None:
+    """Add the experts' LoRA tensors under PEFT's keys, and `target_parameters` to the config."""
+    from .experts import adapted_experts, peft_lora_parameters
+
+    params = peft_lora_parameters(model)
+    if not params:
+        return
+    tensors.update({f"{_PREFIX}{k}": p.detach().contiguous().cpu() for k, p in params.items()})
+    config["target_parameters"] = sorted({key.rsplit(".", 1)[-1] for key in adapted_experts(model)})
+
+
+@dataclass
+class _ExpertAdapters:
+    problems: list[str]
+    pairs: list[tuple[nn.Parameter, torch.Tensor]]
+    layers: list
+
+    def apply(self, lora_alpha: float, scaling: float) -> None:
+        with torch.no_grad():
+            for param, tensor in self.pairs:
+                param.copy_(tensor)
+        for layer in self.layers:
+            layer.lora_alpha, layer.scaling = lora_alpha, scaling
+
+
+def _load_expert_adapters(model: nn.Module, tensors: dict, config: dict) -> _ExpertAdapters:
+    """Match (and remove from `tensors`) the experts' LoRA keys; list every mismatch."""
+    from .experts import adapted_experts, peft_lora_parameters
+
+    params = peft_lora_parameters(model)
+    problems = [f"missing {k}" for k in sorted(params.keys() - tensors.keys())]
+    if config.get("target_parameters") and not params:
+        problems.append(
+            f"target_parameters {config['target_parameters']}: the model has no experts with LoRA"
+        )
+    pairs = []
+    for key, param in params.items():
+        t = tensors.pop(key, None)
+        if t is not None and t.shape != param.shape:
+            problems.append(f"{key}: shape {tuple(t.shape)} != {tuple(param.shape)}")
+        elif t is not None:
+            pairs.append((param, t))
+    return _ExpertAdapters(problems, pairs, list(adapted_experts(model).values()))

@@ -30,7 +30,12 @@ class QLoRAConfig:
         lora_dropout: dropout on the LoRA branch's input.
         target_modules: "all-linear" (every nn.Linear and transformers Conv1D except the output
             head), a list of module names (the last component, as "q_proj", or a full path), or a
-            `filter_fn(module, fqn) -> bool`.
+            `filter_fn(module, fqn) -> bool`. "all-linear" also quantizes the 3-D expert weights of
+            transformers' mixture-of-experts modules (frozen; LoRA on them only by
+            `target_parameters`); by name, "experts" (or a path) selects such a module.
+        target_parameters: expert weights that get LoRA, as PEFT's `LoraConfig(target_parameters=...)`
+            names them: "gate_up_proj", "down_proj" or a longer suffix of "<module path>.<parameter>".
+            Needs lora_dropout=0 (PEFT's ParamWrapper refuses dropout there).
         gradient_checkpointing: turn on the model's own (Hugging Face, non-reentrant) checkpointing.
         lr, weight_decay: settings of `model.qlora.optimizer` (a `qlora_compile.optim.PagedAdamW`).
         max_grad_norm: `model.qlora.step()` clips gradients to this global norm; None: no clipping.
@@ -55,6 +60,7 @@ class QLoRAConfig:
     lora_dropout: float = 0.05
     use_rslora: bool = False
     target_modules: str | Sequence[str] | FilterFn = "all-linear"
+    target_parameters: Sequence[str] = ()
     gradient_checkpointing: bool = True
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -101,6 +107,7 @@ class QLoRAConfig:
             )
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check_target_parameters(self)
         targets = self.target_modules
         if isinstance(targets, str):
             if targets != "all-linear":
@@ -135,6 +142,18 @@ class QLoRAConfig:
         if unknown:
             raise TypeError(f"unknown QLoRAConfig field(s) {unknown}; known: {sorted(known)}")
         return replace(self, **overrides)
+
+
+def _check_target_parameters(config: QLoRAConfig) -> None:
+    names = config.target_parameters
+    if isinstance(names, str) or not all(isinstance(t, str) and t for t in names):
+        raise ValueError(f"target_parameters must be a list of parameter names, got {names!r}")
+    object.__setattr__(config, "target_parameters", tuple(names))
+    if names and config.lora_dropout:
+        raise ValueError(
+            f"target_parameters needs lora_dropout=0 (got {config.lora_dropout}): PEFT folds the experts' "
+            "update into their weights (ParamWrapper), where dropout cannot apply, and refuses such an adapter"
+        )
 
 
 def _one_of(name: str, value, allowed: tuple) -> None:

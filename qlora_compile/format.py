@@ -15,7 +15,7 @@ import torch
 
 from .codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code4, dynamic_map
 from .kernels import cpu as _torch_kernels
-from .kernels import dispatch, ops, ops_cat  # noqa: F401  (registers torch.ops.qlora)
+from .kernels import dispatch, ops, ops_cat, ops_experts  # noqa: F401  (registers torch.ops.qlora)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

@@ -24,7 +24,8 @@ JSON schema (`schema_version` 1; `inspect_model(...)` returns it as a dict):
              gradient_checkpointing, compute_dtype}
     traced: {device: "meta", layers, of_layers, batch_size, seq_len, mode: "train", call,
              error: null, or why tracing failed (then graphs is empty; the rewrites stand)}
-    rewrites: [{name, kind, shape: [out, in], status: "quantized" | "skipped",
+    rewrites: [{name, kind, shape: [out, in] ([experts, out, in] for an expert weight),
+                status: "quantized" | "skipped",
                 reason: str | null, bytes_before, bytes_after, bits_per_param}]
     graphs: [{index, node_count, our_ops: {op: count}, passes: {pass: count},
               modules: [{name: "" (the captured graph) or a sub-graph name,
@@ -38,7 +39,7 @@ JSON schema (`schema_version` 1; `inspect_model(...)` returns it as a dict):
 `qlora::linear` the storage rewrite put there and no pass fused), or null. `passes` counts are the
 names `run_passes` reports ("fuse_lora", "fuse_shared_input", "kernel:<name>"), so they equal
 `model.qlora.report().passes` of a real compile traced on the same input. Bytes are bytes; sizes of
-a `bits_per_param` are 8 * bytes_after / (out * in).
+a `bits_per_param` are 8 * bytes_after / (out * in), times the experts for an expert weight.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from . import pipeline
 from .checkpoint._model import model_class
 from .codes import NESTED_BLOCKSIZE
 from .config import QLoRAConfig
+from .experts import is_experts
 from .format import QuantizedWeight, _check_float_dtype
 from .lora import QLoRALinear
 from .passes import choose_kernel, fuse_lora, fuse_shared_input
@@ -111,6 +113,10 @@ def rewrite_storage_meta(model: nn.Module, config: QLoRAConfig) -> list[pipeline
     rewrites = []
     for name, module in pipeline.select_targets(model, config):
         kind = type(module).__name__
+        if is_experts(module):  # 3-D expert weights: per expert, as compile does
+            quantize = lambda w: _meta_quantized_weight(w.shape, w.dtype, config)  # noqa: E731
+            pipeline.rewrite_experts(name, module, config, rewrites, quantize=quantize)
+            continue
         if not isinstance(module, kinds):
             rewrites.append(
                 pipeline.Rewrite(name, kind, (0, 0), 0, skipped="not an nn.Linear or transformers Conv1D")
@@ -221,6 +227,8 @@ def _target(node: fx.Node) -> str:
         return t
     if isinstance(t, torch._ops.OpOverload):
         return f"{t.namespace}::{t._opname}"
+    if isinstance(t, torch._ops.OpOverloadPacket):  # as Dynamo records an op no pass rewrote
+        return t._qualified_op_name
     if isinstance(t, torch._ops.HigherOrderOperator):
         return f"higher_order::{t.__name__}"
     name = getattr(t, "__name__", None) or str(t)
@@ -337,7 +345,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[dict], list
 def rewrite_rows(rewrites: list[pipeline.Rewrite]) -> list[dict]:
     rows = []
     for r in rewrites:
-        params = r.shape[0] * r.shape[1]
+        params = math.prod(r.shape)
         quantized = r.skipped is None
         rows.append({
             "name": r.name, "kind": r.kind, "shape": list(r.shape),
@@ -395,7 +403,7 @@ def inspect_model(
         )
     rows = rewrite_rows(rewrites)
     quantized = [r for r in rows if r["status"] == "quantized"]
-    params_q = sum(r["shape"][0] * r["shape"][1] for r in quantized)
+    params_q = sum(math.prod(r["shape"]) for r in quantized)
     after = sum(r["bytes_after"] for r in quantized)
     passes: Counter = Counter()
     for g in graphs:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import experts as _experts
 from .config import QLoRAConfig
+from .format import quantize_weight
 from .lora import QLoRALinear
 from .modules import QuantizedLinear
 
@@ -33,11 +36,11 @@ _wrapper_ids = itertools.count()
 
 @dataclass
 class Rewrite:
-    """One selected module: what it was and what it became."""
+    """One selected module (or 3-D expert weight): what it was and what it became."""
 
     name: str
     kind: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # (out, in); (experts, out, in) as stored for an expert weight
     bytes_before: int
     bytes_after: int = 0
     skipped: str | None = None  # the reason, when it stayed as it was
@@ -62,7 +65,7 @@ class Report:
     def totals(self) -> dict[str, float]:
         before = sum(r.bytes_before for r in self.rewritten)
         after = sum(r.bytes_after for r in self.rewritten)
-        params = sum(r.shape[0] * r.shape[1] for r in self.rewritten)
+        params = sum(math.prod(r.shape) for r in self.rewritten)
         return {"bytes_before": before, "bytes_after": after, "bits_per_param": 8 * after / max(params, 1)}
 
     def __str__(self) -> str:
@@ -106,29 +109,56 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def select_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every module `config.target_modules` selects, in order."""
+    """(qualified name, module) of every module `config.target_modules` selects, in order; experts
+    modules (3-D expert weights) count as linear, and those owning a `target_parameters` entry are
+    selected too."""
     kinds = _linear_kinds() + (QuantizedLinear,)  # already 4-bit (load_quantized): wrapped as they are
     head = _output_head(model)
     targets = config.target_modules
     chosen = []
     for name, module in model.named_modules():
+        linear = (isinstance(module, kinds) or _experts.is_experts(module)) and module is not head
         if callable(targets) and not isinstance(targets, str):
-            if targets(module, name):
-                chosen.append((name, module))
-        elif isinstance(module, kinds) and module is not head:
-            if targets == "all-linear" and name.split(".")[-1] != "lm_head":
-                chosen.append((name, module))
-            elif not isinstance(targets, str) and any(name == t or name.endswith("." + t) for t in targets):
-                chosen.append((name, module))
+            selected = targets(module, name)
+        elif targets == "all-linear":
+            selected = linear and name.split(".")[-1] != "lm_head"
+        else:
+            selected = linear and _experts.matches(name, targets)
+        if selected or _targets_parameter(name, module, config):
+            chosen.append((name, module))
     if not isinstance(targets, str) and not callable(targets):
-        found = {t for t in targets if any(n == t or n.endswith("." + t) for n, _ in chosen)}
+        found = {t for t in targets if any(_experts.matches(n, [t]) for n, _ in chosen)}
         missing = [t for t in targets if t not in found]
         if missing:
-            names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
+            names = sorted(
+                {
+                    n.split(".")[-1]
+                    for n, m in model.named_modules()
+                    if isinstance(m, kinds) or _experts.is_experts(m)
+                }
+            )
             raise ValueError(
                 f"target_modules {missing} match no Linear/Conv1D module; the model has: {names}"
             )
+    _check_target_parameters(model, config)
     return chosen
+
+
+def _targets_parameter(name: str, module: nn.Module, config: QLoRAConfig) -> bool:
+    return any(
+        _experts.matches(f"{name}.{p}", config.target_parameters) for p in _experts.expert_parameters(module)
+    )
+
+
+def _check_target_parameters(model: nn.Module, config: QLoRAConfig) -> None:
+    keys = [f"{n}.{p}" for n, m in model.named_modules() for p in _experts.expert_parameters(m)]
+    missing = [t for t in config.target_parameters if not any(_experts.matches(k, [t]) for k in keys)]
+    if missing:
+        names = sorted({k.rsplit(".", 1)[-1] for k in keys})
+        raise ValueError(
+            f"target_parameters {missing} match no 3-D expert weight of a transformers experts module; "
+            f"the model has: {names or 'none'}"
+        )
 
 
 def _new_layer(module: nn.Module, config: QLoRAConfig) -> QLoRALinear:
@@ -153,6 +183,9 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
     rewrites = []
     for name, module in select_targets(model, config):
         kind = type(module).__name__
+        if _experts.is_experts(module):
+            rewrite_experts(name, module, config, rewrites)
+            continue
         if type(module) is QuantizedLinear:  # keep its bytes: no dequantize / requantize
             qw = module.quantized_weight
             layer = QLoRALinear(qw, module.bias, **config.lora_kwargs())
@@ -178,6 +211,30 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
         record.bytes_after = layer.quantized_weight.nbytes
         del module, weight, layer  # the dense weight goes now, not at the end of the loop
     return rewrites
+
+
+def rewrite_experts(
+    name: str, module: nn.Module, config: QLoRAConfig, rewrites: list[Rewrite], quantize=None
+) -> None:
+    """Quantize an experts module's 3-D weights per expert (`experts.rewrite_experts`), LoRA on those
+    that `config.target_parameters` names; appends one Rewrite per weight to `rewrites`.
+    `quantize` (default `quantize_weight` with the config's format) maps one (out, in) matrix."""
+    if quantize is None:
+        quantize = functools.partial(
+            quantize_weight,
+            quant_type=config.quant_type,
+            blocksize=config.blocksize,
+            double_quant=config.double_quant,
+        )
+
+    def record(pname: str, kind: str, shape: tuple[int, ...], nbytes: int) -> Rewrite:
+        rewrites.append(Rewrite(f"{name}.{pname}", kind, shape, nbytes))
+        return rewrites[-1]
+
+    _experts.rewrite_experts(
+        name, module, quantize=quantize, compute_dtype=config.compute_dtype,
+        lora=(config.r, config.lora_alpha), target_parameters=config.target_parameters, record=record,
+    )  # fmt: skip
 
 
 def _freeze_and_upcast_norms(model: nn.Module) -> None:
@@ -288,7 +345,9 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
     from .passes import make_backend
 
     config = (config or QLoRAConfig()).with_overrides(**overrides)
-    if hasattr(model, "qlora") or any(isinstance(m, QLoRALinear) for m in model.modules()):
+    if hasattr(model, "qlora") or any(
+        isinstance(m, (QLoRALinear, _experts.QuantizedExperts)) for m in model.modules()
+    ):
         raise ValueError("model was already processed by qlora_compile.compile")
     compiled = getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or model._compiled_call_impl or compiled:
@@ -298,7 +357,8 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
     report = Report(rewrite_storage(model, config))
     if not report.rewritten:
         reasons = (
-            "; ".join(f"{r.name}: {r.skipped}" for r in report.skipped) or "no nn.Linear/Conv1D selected"
+            "; ".join(f"{r.name}: {r.skipped}" for r in report.skipped)
+            or "no nn.Linear/Conv1D/experts selected"
         )
         raise ValueError(f"no eligible linear layer to quantize ({reasons})")
     _freeze_and_upcast_norms(model)

@@ -44,6 +44,7 @@ from torch import nn
 
 from . import inspect as _inspect
 from .config import QLoRAConfig
+from .experts import QuantizedExperts
 from .lora import QLoRALinear
 from .optim.adamw import RESIDENT_BELOW, state_nbytes_for
 
@@ -109,7 +110,7 @@ def persistent_breakdown(model: nn.Module) -> dict[str, int]:
             if t is None or id(t) in seen:
                 continue
             seen.add(id(t))
-            if isinstance(module, QLoRALinear):
+            if isinstance(module, (QLoRALinear, QuantizedExperts)):
                 key = {"weight_packed": "4-bit weights", "bias": "biases of 4-bit layers"}.get(
                     name, "4-bit statistics"
                 )
@@ -293,7 +294,7 @@ def plan_memory(
     acts = activation_bytes(
         model, hf_config, batch_size=batch_size, seq_len=seq_len, r=r, lora_dropout=lora_dropout
     )
-    largest = max((math.prod(x.shape) for x in rewrites if x.skipped is None), default=0)
+    largest = max((math.prod(x.shape[-2:]) for x in rewrites if x.skipped is None), default=0)  # one expert
     workspace = largest * torch.empty((), dtype=config.compute_dtype).element_size()
     act_key = "with_checkpointing" if gradient_checkpointing else "without_checkpointing"
     budget_note = "10% of the paged states" if optim_budget is None else "--optim-budget"
