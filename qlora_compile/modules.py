@@ -43,6 +43,24 @@ class QuantizedLinear(nn.Module):
         return cls(qw, linear.bias)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, dequantized from the 4-bit buffers on each read: not stored, not a
+        parameter, never in `state_dict` (writes to it are lost).
+
+        For code outside our control that reads a linear's `.weight`: dtype and device checks (T5's
+        feed-forward casts to `wo.weight.dtype`), shapes, or a product with it. Its dtype is the
+        original weight's, its layout the original module's ((in, out) for a Conv1D). bitsandbytes
+        answers with its packed uint8 parameter instead, whose dtype and shape are the storage's,
+        which breaks such reads. Under torch.compile an unused read (`.weight.dtype`) costs nothing:
+        the dequantize node has no user and is removed.
+        """
+        w = torch.ops.qlora.dequantize(
+            self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset,
+            self.quant_type, self.blocksize, [self.out_features, self.in_features], self.weight_dtype,
+        )  # fmt: skip
+        return w.t() if getattr(self, "fan_in_fan_out", False) else w
+
+    @property
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(
             self.weight_packed, self.weight_absmax, self.quant_type, self.blocksize,

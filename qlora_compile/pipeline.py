@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import experts as _experts
+from .checkpoint._model import modules_to_not_convert, should_convert
 from .config import QLoRAConfig
 from .format import quantize_weight
 from .lora import QLoRALinear
@@ -115,13 +116,14 @@ def select_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.
     kinds = _linear_kinds() + (QuantizedLinear,)  # already 4-bit (load_quantized): wrapped as they are
     head = _output_head(model)
     targets = config.target_modules
+    keep = kept_dense(model) if targets == "all-linear" else []
     chosen = []
     for name, module in model.named_modules():
         linear = (isinstance(module, kinds) or _experts.is_experts(module)) and module is not head
         if callable(targets) and not isinstance(targets, str):
             selected = targets(module, name)
         elif targets == "all-linear":
-            selected = linear and name.split(".")[-1] != "lm_head"
+            selected = linear and name.split(".")[-1] != "lm_head" and should_convert(name, keep)
         else:
             selected = linear and _experts.matches(name, targets)
         if selected or _targets_parameter(name, module, config):
@@ -142,6 +144,20 @@ def select_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.
             )
     _check_target_parameters(model, config)
     return chosen
+
+
+def kept_dense(model: nn.Module) -> list[str]:
+    """Module-name patterns that "all-linear" leaves dense on a transformers model: the rule of
+    transformers' bitsandbytes quantizer (output head, tied weights, the last module,
+    `_keep_in_fp32_modules`) plus `_keep_in_fp32_modules_strict`, the same rule `convert` applies.
+    T5's `wo`, for example, stays dense (its feed-forward casts its input to `wo.weight.dtype`)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
+    if not isinstance(model, PreTrainedModel):
+        return []
+    return modules_to_not_convert(model, None)
 
 
 def _targets_parameter(name: str, module: nn.Module, config: QLoRAConfig) -> bool:
@@ -188,7 +204,7 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
             continue
         if type(module) is QuantizedLinear:  # keep its bytes: no dequantize / requantize
             qw = module.quantized_weight
-            layer = QLoRALinear(qw, module.bias, **config.lora_kwargs())
+            layer = QLoRALinear(qw, module.bias, **config.lora_kwargs()).train(module.training)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
             rewrites.append(Rewrite(name, kind, tuple(qw.shape), qw.nbytes, bytes_after=qw.nbytes))
@@ -206,6 +222,9 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
             logger.warning("qlora_compile: skipping %s: %s", name, e)
             continue
         layer.fan_in_fan_out = not isinstance(module, nn.Linear)  # Conv1D stores (in, out), as PEFT notes
+        # new modules start in training mode; from_pretrained returns eval mode, where LoRA dropout
+        # must stay off (generate() would otherwise sample dropout masks)
+        layer.train(module.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         record.bytes_after = layer.quantized_weight.nbytes
@@ -235,6 +254,7 @@ def rewrite_experts(
         name, module, quantize=quantize, compute_dtype=config.compute_dtype,
         lora=(config.r, config.lora_alpha), target_parameters=config.target_parameters, record=record,
     )  # fmt: skip
+    module.train(module.training)  # its new children take the module's mode
 
 
 def _freeze_and_upcast_norms(model: nn.Module) -> None:
@@ -380,12 +400,14 @@ def _enable_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False):
-        # Training forwards would warn "use_cache=True is incompatible with gradient checkpointing"
-        # through a logger, which Dynamo cannot trace: it falls back to eager for the whole forward.
-        # generate() still caches: it reads generation_config.use_cache.
-        config.use_cache = False
+    # Training forwards would warn "use_cache=True is incompatible with gradient checkpointing"
+    # through a logger, which Dynamo cannot trace: it falls back to eager for the whole forward.
+    # generate() still caches: it reads generation_config.use_cache. Encoder-decoders (T5) give
+    # their stacks configs of their own, so every config in the tree is set.
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
 
 
 def _compile_forward(model: nn.Module, backend) -> None:

@@ -318,3 +318,87 @@ def test_dynamic_shapes_keep_kernel_auto_and_train():
     passes = model.qlora.report().passes
     assert passes.get("kernel:auto", 0) > 0 and passes.get("kernel:dequant_matmul", 0) > 0
     assert model.qlora.report().graphs >= 2
+
+
+def test_eval_mode_model_stays_in_eval_mode():
+    """from_pretrained returns a model in eval mode: the new layers follow it, so LoRA dropout stays
+    off (generate() would otherwise sample dropout masks) until the user calls train()."""
+    model = causal_lm("llama").eval()
+    qlora_compile.compile(model, **FAST, lora_dropout=0.5)
+    assert not any(m.training for m in model.modules())
+    for m in model.modules():
+        if isinstance(m, QLoRALinear):
+            nn.init.normal_(m.lora_B.weight)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        first, second = model(ids).logits, model(ids).logits
+        with torch.compiler.set_stance("force_eager"):
+            eager = model(ids).logits
+    assert torch.equal(first, second) and torch.equal(first, eager)
+    model.train()
+    assert all(m.training for m in model.modules() if isinstance(m, QLoRALinear))
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, first)  # dropout draws in training mode
+
+
+def tiny_t5() -> nn.Module:
+    # T5's own graph break (its decoder sets `position_bias.requires_grad` under checkpointing, with
+    # or without us) makes Dynamo compile transformers' shared frames per model, up to
+    # recompile_limit (8): a fresh Dynamo per T5 keeps each test's count its own
+    torch._dynamo.reset()
+    config = transformers.T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0
+    )
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def test_keep_in_fp32_modules_stay_dense_as_transformers_bitsandbytes_keeps_them():
+    """T5 declares `_keep_in_fp32_modules = ["wo"]`: "all-linear" leaves every `wo` dense, with the
+    converter's rule (transformers' bitsandbytes quantizer's), and T5 then trains compiled."""
+    from qlora_compile.checkpoint._model import modules_to_not_convert, quantized_modules
+
+    model = tiny_t5()
+    expected = set(quantized_modules(model, modules_to_not_convert(model, None)))
+    qlora_compile.compile(model, **FAST)
+    ours = {name for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    assert ours == expected and len(ours) == 14  # q, k, v, o: 3 attentions; wi: 2 feed-forwards
+    wo = [m for name, m in model.named_modules() if name.endswith(".wo")]
+    assert len(wo) == 2 and all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in wo)
+    model.train()
+    ids, labels = torch.randint(0, 128, (2, 7)), torch.randint(0, 128, (2, 5))
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert all(m.lora_B.weight.grad is not None for m in model.modules() if isinstance(m, QLoRALinear))
+
+
+def test_weight_reads_the_dequantized_weight_without_storing_it():
+    """Code outside our control reads `.weight` (T5's feed-forward: `wo.weight.dtype`). A targeted
+    `wo` answers with its dequantized weight; T5 runs compiled with no graph break of ours."""
+    model = tiny_t5()
+    qlora_compile.compile(model, **FAST, target_modules=["q", "k", "v", "o", "wi", "wo"])
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, QLoRALinear)
+    w = wo.weight
+    assert (w.shape, w.dtype, w.device, w.requires_grad) == (
+        (32, 64),
+        torch.float32,
+        torch.device("cpu"),
+        False,
+    )
+    assert torch.equal(w, wo.quantized_weight.dequantize())
+    assert not any(k.endswith("wo.weight") for k in model.state_dict())  # never stored
+    model.train()
+    ids, labels = torch.randint(0, 128, (2, 7)), torch.randint(0, 128, (2, 5))
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss) and wo.lora_B.weight.grad is not None
+    plain = tiny_t5()
+    qlora_compile.compile(plain, **FAST)
+    plain.train()
+    plain(input_ids=ids, labels=labels).loss.backward()
+    assert model.qlora.report().graphs == plain.qlora.report().graphs  # reading .weight breaks nothing
+    gpt2 = causal_lm("gpt2")
+    dense = gpt2.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: (in, out)
+    qlora_compile.compile(gpt2, **FAST)
+    c_attn = gpt2.transformer.h[0].attn.c_attn
+    assert c_attn.weight.shape == dense.shape == (64, 192)
+    assert (c_attn.weight - dense).abs().max() < 0.2 * dense.abs().max()  # 4-bit of the same layout

@@ -87,10 +87,19 @@ def linear_kinds() -> tuple[type, ...]:
 
 
 def modules_to_not_convert(model: nn.Module, skip: list[str] | None) -> list[str]:
-    """transformers' default skips (output head, tied weights, last parameter), then `skip`, then fp32 modules."""
+    """transformers' default skips (output head, tied weights, last parameter), then `skip`, then the
+    modules the model keeps in fp32.
+
+    `_keep_in_fp32_modules` is what transformers' bitsandbytes quantizer skips. We skip
+    `_keep_in_fp32_modules_strict` too (entries may name a parameter, `gate.weight`: its module is
+    skipped): such modules are forced to fp32 in every dtype, which a 4-bit weight would defeat.
+    `compile` and the converter both select with this rule.
+    """
     names = _keys_to_not_convert(model)
     names += list(skip or [])
     names += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    strict = getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    names += [re.sub(r"\.(weight|bias)$", "", n) for n in strict]
     return sorted(set(names))
 
 
