@@ -56,9 +56,10 @@ def examples(lengths, seed: int) -> list[dict]:
     return [{"input_ids": torch.randint(2, VOCAB, (n,), generator=g).tolist()} for n in lengths]
 
 
-# batches as a loader yields them: padded to their longest row; five distinct lengths and a last,
-# smaller batch
-BATCHES = [[16, 9, 12, 5], [23, 20, 7, 11], [9, 4, 6, 8], [31, 17, 25, 3], [12, 10, 6]]
+# batches as a loader yields them, each padded to its longest row: five distinct lengths and two
+# batch sizes. The second batch changes both, so Dynamo's automatic dynamic shapes mark both
+# dimensions at once (each later recompile would cost Inductor about a minute on this CPU).
+BATCHES = [[16, 9, 12, 5], [23, 20, 7], [9, 4, 6, 8], [31, 17, 25, 3], [12, 10, 6]]
 
 
 def train(model, batches) -> list[float]:
@@ -92,10 +93,9 @@ def test_training_with_changing_shapes_matches_eager(tokenizer):
     for step, (a, b) in enumerate(zip(compiled, eager, strict=True)):
         assert abs(a - b) <= 1e-5, f"step {step}: compiled {a:.7f}, eager {b:.7f}"
     assert compiled[-1] != compiled[0]
-    # the first shape compiles static graphs, the second switches to dynamic sizes, and the batch
-    # size change marks the batch dimension dynamic too: nothing more for the other lengths
+    # the first shape compiles a static graph, the second a dynamic one that serves every later shape
     report = model.qlora.report()
-    assert report.graphs <= 3, report
+    assert report.graphs == 2, report
     assert report.passes["fuse_lora"] > 0 and report.passes.get("kernel:auto", 0) > 0
 
 
@@ -123,21 +123,32 @@ def test_generate_default_backend_equals_eager():
     assert model.qlora.report().graphs >= 1
 
 
+class LossRecordingTrainer(transformers.Trainer):
+    """transformers.Trainer that keeps each step's loss unrounded (its log rounds to 4 digits)."""
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self.losses.append(loss.item())
+        return loss
+
+
 def test_trainer_with_padding_collator_default_backend(tokenizer, tmp_path):
-    """transformers.Trainer, the collator padding each batch to its longest row: the same logged
-    losses as the same run in eager mode, and the compiled path is the one that ran."""
+    """transformers.Trainer, the collator padding each batch to its longest row (shuffled, so the
+    lengths change every step): the same losses as the same run in eager mode, and the compiled
+    path is the one that ran."""
     collate = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    data = examples([16, 9, 12, 5, 23, 20, 7, 11, 9, 4, 6, 8, 31, 17, 25, 3, 12, 10, 6], seed=7)
+    data = examples([16, 9, 12, 5, 23, 20, 7, 11, 9, 4, 6, 8, 31, 17, 25, 3, 12, 10, 6, 14], seed=7)
 
     def run(model, directory):
         args = transformers.TrainingArguments(
             output_dir=str(directory), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2,
             report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
-            dataloader_drop_last=False,
         )  # fmt: skip
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+        trainer = LossRecordingTrainer(model=model, args=args, train_dataset=data, data_collator=collate)
+        trainer.losses = []
         trainer.train()
-        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert len(trainer.losses) == 5
+        return trainer.losses
 
     torch._dynamo.reset()
     model = tiny_llama()
@@ -149,7 +160,8 @@ def test_trainer_with_padding_collator_default_backend(tokenizer, tmp_path):
     with torch.compiler.set_stance("force_eager"):
         eager = run(reference, tmp_path / "eager")
     assert len(compiled) == 5
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)  # the log rounds to 4 digits
+    for step, (a, b) in enumerate(zip(compiled, eager, strict=True)):
+        assert abs(a - b) <= 1e-5, f"step {step}: compiled {a:.7f}, eager {b:.7f}"
     assert compiled[-1] < compiled[0]
     report = model.qlora.report()
-    assert report.graphs >= 1 and report.passes["fuse_lora"] > 0
+    assert report.graphs == 2 and report.passes["fuse_lora"] > 0

@@ -204,3 +204,79 @@ def test_lora_linear_opcheck_and_values():
     torch.library.opcheck(torch.ops.qlora.lora_linear.default, args)
     expected = F.linear(x, qw.dequantize(), bias) + F.linear(F.linear(xl, lora_A), lora_B) * 0.25
     torch.testing.assert_close(torch.ops.qlora.lora_linear(*args), expected)
+
+
+def _keyword_calls():
+    """{op name: (op, keyword arguments)} for every op in the `qlora` namespace, every argument,
+    optional ones included, given by name."""
+    from qlora_compile.experts import QuantizedExperts
+
+    k, widths, r = 64, [32, 16], 4
+    qws = [quantize_weight(torch.randn(n, k)) for n in widths]
+    q = qws[0]
+    x = torch.randn(2, 5, k)
+    weight = {"packed": q.packed, "absmax": q.absmax, "nested_absmax": q.nested_absmax, "offset": q.offset}
+    fmt = {"quant_type": "nf4", "blocksize": 64}
+    lora = {"lora_A": torch.randn(r, k), "lora_B": torch.randn(widths[0], r), "scaling": 0.5}
+    counts = torch.tensor([3, 0, 5, 2])
+    experts = QuantizedExperts(
+        [quantize_weight(torch.randn(16, k)) for _ in counts], compute_dtype=torch.float32
+    )
+    expert_weight = {
+        "packed": experts.weight_packed, "absmax": experts.weight_absmax,
+        "nested_absmax": experts.weight_nested_absmax, "offset": experts.weight_offset,
+    }  # fmt: skip
+    rows = torch.randn(int(counts.sum()), k)
+    ops = torch.ops.qlora
+    return {
+        "dequantize": (ops.dequantize, {**weight, **fmt, "shape": [32, k], "dtype": torch.float32}),
+        "linear": (ops.linear, {"x": x, **weight, "bias": torch.randn(32), **fmt, "shape": [32, k], "impl": "auto"}),
+        "linear_dx": (ops.linear_dx, {"grad": torch.randn(2, 5, 32), **weight, **fmt, "shape": [32, k]}),
+        "lora_linear": (ops.lora_linear, {
+            "x": x, "xl": x.clone(), **weight, "bias": None, **lora, **fmt, "shape": [32, k],
+            "out_dtype": torch.float32, "impl": "auto",
+        }),
+        "lora_linear_cat": (ops.lora_linear_cat, {
+            "x": x, "xl": [x.clone()], "packed": [w.packed for w in qws], "absmax": [w.absmax for w in qws],
+            "nested_absmax": [w.nested_absmax for w in qws], "offset": [w.offset for w in qws],
+            "bias": torch.randn(sum(widths)), "lora_A": [torch.randn(r, k) for _ in widths],
+            "lora_B": [torch.randn(n, r) for n in widths], "scaling": 0.5, **fmt, "out_features": widths,
+            "in_features": k, "out_dtype": torch.float32, "impl": "auto",
+        }),
+        "experts_linear": (ops.experts_linear, {
+            "x": rows, "counts": counts, **expert_weight, **fmt, "shape": experts.shape,
+        }),
+        "experts_linear_dx": (ops.experts_linear_dx, {
+            "grad": torch.randn(int(counts.sum()), 16), "counts": counts, **expert_weight, **fmt,
+            "shape": experts.shape,
+        }),
+        "grouped_mm": (ops.grouped_mm, {"x": rows, "weight": torch.randn(len(counts), 8, k), "counts": counts}),
+        "grouped_mm_backward": (ops.grouped_mm_backward, {
+            "grad": torch.randn(int(counts.sum()), 8), "x": rows, "weight": torch.randn(len(counts), 8, k),
+            "counts": counts,
+        }),
+    }  # fmt: skip
+
+
+def test_every_op_lowers_through_inductor_with_keyword_arguments():
+    """Inductor lowers an opaque op through `FallbackKernel.create(kernel, *args, **kwargs)`: an op
+    argument named like one of its parameters (`kernel` was) fails there, and only under dynamic
+    shapes, where arguments arrive by keyword. Every op of the namespace, every argument by name,
+    dynamic shapes, real Inductor: same values as eager."""
+    import inspect
+
+    from torch._inductor.ir import FallbackKernel
+
+    calls = _keyword_calls()
+    ops = torch.ops.qlora
+    namespace = {n for n in dir(ops) if isinstance(getattr(ops, n), torch._ops.OpOverloadPacket)}
+    assert namespace == set(calls), f"ops without a keyword-lowering case: {namespace ^ set(calls)}"
+    reserved = set(inspect.signature(FallbackKernel.create).parameters) - {"args", "kwargs"}
+    for name, (op, kwargs) in calls.items():
+        arguments = {a.name for a in op.default._schema.arguments}
+        assert arguments == set(kwargs), name  # every argument is passed
+        assert not arguments & reserved, f"qlora::{name} argument named {arguments & reserved}"
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda kw, op=op: op(**kw), backend="inductor", dynamic=True, fullgraph=True)
+        got, expected = compiled(kwargs), op(**kwargs)
+        torch.testing.assert_close(got, expected, msg=name)
