@@ -95,10 +95,15 @@ class QuantizedExperts(nn.Module):
         """(E, out_features, in_features) dense weights."""
         return torch.stack([self.quantized_weight(e).dequantize(dtype) for e in range(self.num_experts)])
 
-    def add_lora(self, r: int, lora_alpha: float, adapter_dtype: torch.dtype = torch.float32) -> None:
-        """PEFT's `ParamWrapper` adapters: kaiming-uniform `lora_A`, zero `lora_B`, scaling alpha / r."""
+    def add_lora(
+        self, r: int, lora_alpha: float, use_rslora: bool = False, adapter_dtype: torch.dtype = torch.float32
+    ) -> None:
+        """PEFT's `ParamWrapper` adapters: kaiming-uniform `lora_A`, zero `lora_B`, PEFT's scaling
+        (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+        from .lora import lora_scaling
+
         device, e = self.weight_packed.device, self.num_experts
-        self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_alpha / r
+        self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_scaling(r, lora_alpha, use_rslora)
         self.lora_A = nn.Linear(self.in_features, r * e, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r * e, self.out_features, bias=False, device=device, dtype=adapter_dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
@@ -221,7 +226,7 @@ def rewrite_experts(
 
     Args:
         quantize: turns one expert's (out, in) matrix into a `QuantizedWeight`.
-        lora: (r, lora_alpha) for parameters that `target_parameters` names, None for no LoRA.
+        lora: (r, lora_alpha, use_rslora) for parameters that `target_parameters` names, None for no LoRA.
         record: `record(param_name, kind, shape, bytes_before)` returns a `pipeline.Rewrite`
             whose `bytes_after` / `skipped` this function fills in.
     """

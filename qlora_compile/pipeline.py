@@ -252,7 +252,7 @@ def rewrite_experts(
 
     _experts.rewrite_experts(
         name, module, quantize=quantize, compute_dtype=config.compute_dtype,
-        lora=(config.r, config.lora_alpha), target_parameters=config.target_parameters, record=record,
+        lora=(config.r, config.lora_alpha, config.use_rslora), target_parameters=config.target_parameters, record=record,
     )  # fmt: skip
     module.train(module.training)  # its new children take the module's mode
 
