@@ -161,6 +161,24 @@ class AdapterFolder:
                 f"{self.dir}: tensors do not have the config's ranks: " + "; ".join(problems[:10])
             )
 
+    def shape_problems(self, shape_of, unknown: str) -> list[str]:
+        """What keeps the adapter from a target: `shape_of(module)` gives the (out, in) of the
+        module's weight, or None when the target has no such module (reported as
+        `unknown.format(module)`); a module whose `lora_B @ lora_A` is not that shape is reported."""
+        problems = []
+        for module, p in self.pairs.items():
+            shape = shape_of(module)
+            if shape is None:
+                problems.append(unknown.format(module))
+                continue
+            a, b = p["A"], p["B"]
+            if (b.shape[0], a.shape[1]) != tuple(shape):
+                problems.append(
+                    f"{module}: lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)} does not give the weight's "
+                    f"{tuple(shape)}"
+                )
+        return problems
+
     def modules(self) -> list[str]:
         return list(self.pairs)
 
@@ -267,19 +285,10 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
 def _fit_problems(adapter: AdapterFolder, layers: dict[str, QLoRALinear]) -> list[str]:
     problems = [f"missing {n}.lora_{ab}.weight" for n in sorted(layers.keys() - adapter.pairs) for ab in "AB"]
-    problems += [
-        f"unexpected {n}.lora_{ab}.weight" for n in sorted(adapter.pairs.keys() - layers) for ab in "AB"
-    ]
-    for name, layer in layers.items():
-        if name not in adapter.pairs:
-            continue
-        a, b = adapter.pairs[name]["A"], adapter.pairs[name]["B"]
-        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-            problems.append(
-                f"{name}: lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)} does not give the layer's "
-                f"({layer.out_features}, {layer.in_features})"
-            )
-    return problems
+    return problems + adapter.shape_problems(
+        lambda n: (layers[n].out_features, layers[n].in_features) if n in layers else None,
+        unknown="{} is not a QLoRA layer of the model",
+    )
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .format import QuantizedWeight
+from .lora import lora_scaling
 
 logger = logging.getLogger(__name__)
 EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
@@ -100,8 +101,6 @@ class QuantizedExperts(nn.Module):
     ) -> None:
         """PEFT's `ParamWrapper` adapters: kaiming-uniform `lora_A`, zero `lora_B`, PEFT's scaling
         (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
-        from .lora import lora_scaling
-
         device, e = self.weight_packed.device, self.num_experts
         self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_scaling(r, lora_alpha, use_rslora)
         self.lora_A = nn.Linear(self.in_features, r * e, bias=False, device=device, dtype=adapter_dtype)
@@ -218,7 +217,7 @@ def rewrite_experts(
     *,
     quantize: Callable[[torch.Tensor], QuantizedWeight],
     compute_dtype: torch.dtype,
-    lora: tuple[int, float] | None,
+    lora: tuple[int, float, bool] | None,
     target_parameters,
     record: Callable,
 ) -> None:
@@ -262,10 +261,7 @@ def peft_lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """
     out = {}
     for name, module in model.named_modules():
-        adapted = [
-            p for p in expert_parameters(module) if getattr(getattr(module, p), "lora_A", None) is not None
-        ]
-        for depth, pname in enumerate(reversed(adapted)):
+        for depth, pname in enumerate(reversed(_adapted(module))):
             child = getattr(module, pname)
             key = f"{name}." + "base_layer." * depth
             out[f"{key}lora_A.weight"] = child.lora_A.weight
@@ -276,8 +272,10 @@ def peft_lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def adapted_experts(model: nn.Module) -> dict[str, QuantizedExperts]:
     """`{"<module>.<parameter>": QuantizedExperts}` of every expert weight that has LoRA."""
     return {
-        f"{name}.{p}": getattr(module, p)
-        for name, module in model.named_modules()
-        for p in expert_parameters(module)
-        if getattr(getattr(module, p), "lora_A", None) is not None
+        f"{name}.{p}": getattr(module, p) for name, module in model.named_modules() for p in _adapted(module)
     }
+
+
+def _adapted(module: nn.Module) -> list[str]:
+    """Names of `module`'s expert weights that have LoRA, in registration order."""
+    return [p for p in expert_parameters(module) if getattr(getattr(module, p), "lora_A", None) is not None]

@@ -62,6 +62,23 @@ def examples(lengths, seed: int) -> list[dict]:
 BATCHES = [[16, 9, 12, 5], [23, 20, 7], [9, 4, 6, 8], [31, 17, 25, 3], [12, 10, 6]]
 
 
+def compiled_and_eager():
+    """The small Llama through compile() twice with the same 4-bit weights and adapters: the
+    default backend, and one to run under `set_stance("force_eager")` as the eager reference."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    qlora_compile.compile(model, **EXACT)
+    qlora_compile.compile(reference, **EXACT, backend="eager")
+    reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
+def assert_same_losses(compiled: list[float], eager: list[float]) -> None:
+    for step, (a, b) in enumerate(zip(compiled, eager, strict=True)):
+        assert abs(a - b) <= 1e-5, f"step {step}: compiled {a:.7f}, eager {b:.7f}"
+
+
 def train(model, batches) -> list[float]:
     model.train()
     losses = []
@@ -79,19 +96,13 @@ def test_training_with_changing_shapes_matches_eager(tokenizer):
     assert len({tuple(b["input_ids"].shape) for b in batches}) == len(BATCHES)
     assert (batches[0]["labels"] == -100).any()  # padded rows, masked out of the loss
 
-    torch._dynamo.reset()
-    model = tiny_llama()
-    reference = copy.deepcopy(model)
-    qlora_compile.compile(model, **EXACT)
-    qlora_compile.compile(reference, **EXACT, backend="eager")
-    reference.load_state_dict(model.state_dict())
+    model, reference = compiled_and_eager()
     assert model.qlora.config.backend == "inductor" and model.is_gradient_checkpointing
 
     compiled = train(model, batches)
     with torch.compiler.set_stance("force_eager"):
         eager = train(reference, batches)
-    for step, (a, b) in enumerate(zip(compiled, eager, strict=True)):
-        assert abs(a - b) <= 1e-5, f"step {step}: compiled {a:.7f}, eager {b:.7f}"
+    assert_same_losses(compiled, eager)
     assert compiled[-1] != compiled[0]
     # the first shape compiles a static graph, the second a dynamic one that serves every later shape
     report = model.qlora.report()
@@ -150,18 +161,12 @@ def test_trainer_with_padding_collator_default_backend(tokenizer, tmp_path):
         assert len(trainer.losses) == 5
         return trainer.losses
 
-    torch._dynamo.reset()
-    model = tiny_llama()
-    reference = copy.deepcopy(model)
-    qlora_compile.compile(model, **EXACT)
-    qlora_compile.compile(reference, **EXACT, backend="eager")
-    reference.load_state_dict(model.state_dict())
+    model, reference = compiled_and_eager()
     compiled = run(model, tmp_path / "compiled")
     with torch.compiler.set_stance("force_eager"):
         eager = run(reference, tmp_path / "eager")
     assert len(compiled) == 5
-    for step, (a, b) in enumerate(zip(compiled, eager, strict=True)):
-        assert abs(a - b) <= 1e-5, f"step {step}: compiled {a:.7f}, eager {b:.7f}"
+    assert_same_losses(compiled, eager)
     assert compiled[-1] < compiled[0]
     report = model.qlora.report()
     assert report.graphs == 2 and report.passes["fuse_lora"] > 0

@@ -188,17 +188,10 @@ class BaseModel:
 
 def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
     """Every adapter module is a quantized linear of the base, with matching shapes."""
-    problems = []
-    for module, p in adapter.pairs.items():
-        if module not in base.quantized:
-            problems.append(f"{module} is not a quantized linear of the base")
-            continue
-        a, b = p["A"], p["B"]
-        shape = _out_in(base, module)
-        if (b.shape[0], a.shape[1]) != shape:
-            problems.append(
-                f"{module}: lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)} does not give the weight's {shape}"
-            )
+    problems = adapter.shape_problems(
+        lambda m: _out_in(base, m) if m in base.quantized else None,
+        unknown="{} is not a quantized linear of the base",
+    )
     if problems:
         raise ValueError(f"adapter {adapter.dir} does not fit base {base.dir}: " + "; ".join(problems[:10]))
 

@@ -39,6 +39,14 @@ def _expert(e: int, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None
             None if offset is None else offset[e])  # fmt: skip
 
 
+def _per_expert(product, rows: Tensor, counts: Tensor, weights: tuple, out_features: int) -> Tensor:
+    """(S, out_features): `product(expert e's rows, *expert e's 4-bit tensors)` for each expert."""
+    out = rows.new_zeros((rows.shape[0], out_features))
+    for e, start, end in _bounds(counts):
+        out[start:end] = product(rows[start:end], *_expert(e, *weights))
+    return out
+
+
 def _check(x: Tensor, counts: Tensor, shape: list[int], what: str) -> None:
     if len(shape) != 3 or x.dim() != 2 or counts.shape != (shape[0],):
         raise ValueError(
@@ -60,11 +68,10 @@ def experts_linear(
 ) -> Tensor:
     """(S, out_features): rows of expert e (grouped by `counts`) times W_e^T, W_e in the 4-bit format."""
     _check(x, counts, shape, "experts_linear")
-    out = x.new_zeros((x.shape[0], shape[1]))
-    for e, start, end in _bounds(counts):
-        w = _expert(e, packed, absmax, nested_absmax, offset)
-        out[start:end] = torch.ops.qlora.linear(x[start:end], *w, None, quant_type, blocksize, shape[1:])
-    return out
+    return _per_expert(
+        lambda rows, *w: torch.ops.qlora.linear(rows, *w, None, quant_type, blocksize, shape[1:]),
+        x, counts, (packed, absmax, nested_absmax, offset), shape[1],
+    )  # fmt: skip
 
 
 @experts_linear.register_fake
@@ -86,11 +93,10 @@ def experts_linear_dx(
 ) -> Tensor:
     """(S, in_features): rows of expert e of `grad` times W_e (the input gradient of experts_linear)."""
     _check(grad, counts, shape, "experts_linear_dx")
-    out = grad.new_zeros((grad.shape[0], shape[2]))
-    for e, start, end in _bounds(counts):
-        w = _expert(e, packed, absmax, nested_absmax, offset)
-        out[start:end] = torch.ops.qlora.linear_dx(grad[start:end], *w, quant_type, blocksize, shape[1:])
-    return out
+    return _per_expert(
+        lambda rows, *w: torch.ops.qlora.linear_dx(rows, *w, quant_type, blocksize, shape[1:]),
+        grad, counts, (packed, absmax, nested_absmax, offset), shape[2],
+    )  # fmt: skip
 
 
 @experts_linear_dx.register_fake

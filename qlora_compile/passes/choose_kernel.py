@@ -16,11 +16,8 @@ from torch import fx
 
 from ._match import example_value, graph_modules, is_op
 
-_KERNEL_ARG = {
-    "linear": 9,
-    "lora_linear": 14,
-    "lora_linear_cat": 15,
-}  # position of `impl` (the kernel) in each op
+# position of `impl` (the kernel) in each op
+_KERNEL_ARG = {"linear": 9, "lora_linear": 14, "lora_linear_cat": 15}
 
 
 def _rows(x: torch.Tensor) -> int | None:
