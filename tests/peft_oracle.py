@@ -1,5 +1,5 @@
-"""The reference stack as a test oracle: a small random Llama, our compiled copy of it, and the
-same weights in transformers + bitsandbytes 4-bit (+ PEFT LoRA).
+"""The reference stack as a test oracle: a small random Llama (or any saved HF model), our
+compiled copy of it, and the same weights in transformers + bitsandbytes 4-bit (+ PEFT LoRA).
 
 bitsandbytes repacks 4-bit weights for its CPU kernel, rounding absmax to bf16, on its first
 eval-mode forward on AVX512-BF16 CPUs; compare with it in train mode (dropout 0) to stay on its
@@ -8,6 +8,7 @@ exact path.
 
 import torch
 import transformers
+from peft import LoraConfig, get_peft_model
 
 import qlora_compile
 from qlora_compile import QLoRALinear
@@ -26,9 +27,9 @@ def llama_folder(path):
     return path
 
 
-def ours(base_dir, seed=1, **overrides):
-    """Our compiled model of `base_dir` (fp32, r=R, alpha=ALPHA, no dropout), lora_B random."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+def ours(base_dir, seed=1, model_cls=transformers.AutoModelForCausalLM, **overrides):
+    """Our compiled `model_cls` of `base_dir` (fp32, r=R, alpha=ALPHA, no dropout), lora_B random."""
+    model = model_cls.from_pretrained(base_dir, dtype=torch.float32)
     settings = dict(
         r=R, lora_alpha=ALPHA, lora_dropout=0.0, compute_dtype=torch.float32,
         backend="aot_eager", gradient_checkpointing=False,
@@ -42,12 +43,12 @@ def ours(base_dir, seed=1, **overrides):
     return model.train()
 
 
-def bnb_base(base_dir):
+def bnb_base(base_dir, model_cls=transformers.AutoModelForCausalLM):
     quant = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )  # fmt: skip
-    return transformers.AutoModelForCausalLM.from_pretrained(
+    return model_cls.from_pretrained(
         base_dir, quantization_config=quant, device_map="cpu", dtype=torch.float32
     )
 
@@ -59,3 +60,23 @@ def peft_lora_modules(model):
         for name, m in model.named_modules()
         if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict) and "default" in m.lora_A
     }
+
+
+def peft_reference(base_dir, our_model, model_cls=transformers.AutoModelForCausalLM):
+    """PEFT LoRA (all-linear, r=R, alpha=ALPHA, dropout 0) on `bnb_base`, holding our LoRA weights,
+    in train mode. Both sides must put LoRA on the same modules."""
+    model = get_peft_model(
+        bnb_base(base_dir, model_cls),
+        LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    layers = dict(our_model.named_modules())
+    theirs = peft_lora_modules(model)
+    mine = {name for name, m in layers.items() if isinstance(m, QLoRALinear)}
+    assert mine == set(theirs), (
+        f"LoRA only here: {sorted(mine - set(theirs))}; only in PEFT: {sorted(set(theirs) - mine)}"
+    )
+    with torch.no_grad():
+        for name, m in theirs.items():
+            m.lora_A["default"].weight.copy_(layers[name].lora_A.weight)
+            m.lora_B["default"].weight.copy_(layers[name].lora_B.weight)
+    return model.train()

@@ -4,8 +4,8 @@
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft_oracle import ALPHA, R, bnb_base, llama_folder, ours, peft_lora_modules
+from peft import PeftModel
+from peft_oracle import ALPHA, R, bnb_base, llama_folder, ours, peft_lora_modules, peft_reference
 
 import qlora_compile
 from qlora_compile import QLoRALinear
@@ -17,17 +17,9 @@ def base_dir(tmp_path_factory):
 
 
 def reference(base_dir, our_model):
-    model = get_peft_model(
-        bnb_base(base_dir), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear")
-    )
-    layers = dict(our_model.named_modules())
-    modules = peft_lora_modules(model)
-    assert len(modules) == sum(isinstance(m, QLoRALinear) for m in layers.values()) == 14
-    with torch.no_grad():
-        for name, m in modules.items():
-            m.lora_A["default"].weight.copy_(layers[name].lora_A.weight)
-            m.lora_B["default"].weight.copy_(layers[name].lora_B.weight)
-    return model.train()
+    model = peft_reference(base_dir, our_model)
+    assert len(peft_lora_modules(model)) == 14
+    return model
 
 
 def test_quantized_bytes_equal_transformers_bitsandbytes(base_dir):
