@@ -62,12 +62,14 @@ def peft_lora_modules(model):
     }
 
 
-def peft_reference(base_dir, our_model, model_cls=transformers.AutoModelForCausalLM):
-    """PEFT LoRA (all-linear, r=R, alpha=ALPHA, dropout 0) on `bnb_base`, holding our LoRA weights,
-    in train mode. Both sides must put LoRA on the same modules."""
+def peft_reference(
+    base_dir, our_model, model_cls=transformers.AutoModelForCausalLM, target_modules="all-linear"
+):
+    """PEFT LoRA (`target_modules`, r=R, alpha=ALPHA, dropout 0) on `bnb_base`, holding our LoRA
+    weights, in train mode. Both sides must put LoRA on the same modules."""
     model = get_peft_model(
         bnb_base(base_dir, model_cls),
-        LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear"),
+        LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=target_modules),
     )
     layers = dict(our_model.named_modules())
     theirs = peft_lora_modules(model)
