@@ -135,8 +135,7 @@ def rewrite_storage_meta(model: nn.Module, config: QLoRAConfig) -> list[pipeline
         qw = _meta_quantized_weight(weight.shape, weight.dtype, config)
         layer = QLoRALinear(qw, module.bias, **config.lora_kwargs())
         layer.fan_in_fan_out = not isinstance(module, nn.Linear)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        pipeline.replace_module(model, name, module, layer)
         record.bytes_after = layer.quantized_weight.nbytes
     return rewrites
 

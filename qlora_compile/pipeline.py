@@ -204,9 +204,7 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
             continue
         if type(module) is QuantizedLinear:  # keep its bytes: no dequantize / requantize
             qw = module.quantized_weight
-            layer = QLoRALinear(qw, module.bias, **config.lora_kwargs()).train(module.training)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+            replace_module(model, name, module, QLoRALinear(qw, module.bias, **config.lora_kwargs()))
             rewrites.append(Rewrite(name, kind, tuple(qw.shape), qw.nbytes, bytes_after=qw.nbytes))
             continue
         if not isinstance(module, kinds):
@@ -222,14 +220,19 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
             logger.warning("qlora_compile: skipping %s: %s", name, e)
             continue
         layer.fan_in_fan_out = not isinstance(module, nn.Linear)  # Conv1D stores (in, out), as PEFT notes
-        # new modules start in training mode; from_pretrained returns eval mode, where LoRA dropout
-        # must stay off (generate() would otherwise sample dropout masks)
-        layer.train(module.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replace_module(model, name, module, layer)
         record.bytes_after = layer.quantized_weight.nbytes
         del module, weight, layer  # the dense weight goes now, not at the end of the loop
     return rewrites
+
+
+def replace_module(model: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` where `old` is, at `name`, in `old`'s train/eval mode (new modules start in
+    training mode; a model from `from_pretrained` is in eval mode, where LoRA dropout must stay
+    off: generate() would otherwise sample dropout masks)."""
+    new.train(old.training)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def rewrite_experts(
