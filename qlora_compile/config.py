@@ -36,6 +36,13 @@ class QLoRAConfig:
         target_parameters: expert weights that get LoRA, as PEFT's `LoraConfig(target_parameters=...)`
             names them: "gate_up_proj", "down_proj" or a longer suffix of "<module path>.<parameter>".
             Needs lora_dropout=0 (PEFT's ParamWrapper refuses dropout there).
+        modules_to_save: modules that stay dense (not quantized, no LoRA inside them) and train in
+            full, as PEFT's `LoraConfig(modules_to_save=...)`: names matched as target_modules' names
+            are (the last component, as "classifier", or a full path; a dotted suffix of the path).
+            None (default): the model's task head as PEFT's task types name it, where the model has
+            it: "classifier" / "score" for *ForSequenceClassification and *ForTokenClassification,
+            "qa_outputs" for *ForQuestionAnswering; nothing for other models. () for none.
+            A name that matches no module raises ValueError at compile, naming the closest ones.
         gradient_checkpointing: turn on the model's own (Hugging Face, non-reentrant) checkpointing.
         lr, weight_decay: settings of `model.qlora.optimizer` (a `qlora_compile.optim.PagedAdamW`).
         max_grad_norm: `model.qlora.step()` clips gradients to this global norm; None: no clipping.
@@ -61,6 +68,7 @@ class QLoRAConfig:
     use_rslora: bool = False
     target_modules: str | Sequence[str] | FilterFn = "all-linear"
     target_parameters: Sequence[str] = ()
+    modules_to_save: Sequence[str] | None = None
     gradient_checkpointing: bool = True
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -108,6 +116,7 @@ class QLoRAConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check_target_parameters(self)
+        _check_modules_to_save(self)
         targets = self.target_modules
         if isinstance(targets, str):
             if targets != "all-linear":
@@ -154,6 +163,15 @@ def _check_target_parameters(config: QLoRAConfig) -> None:
             f"target_parameters needs lora_dropout=0 (got {config.lora_dropout}): PEFT folds the experts' "
             "update into their weights (ParamWrapper), where dropout cannot apply, and refuses such an adapter"
         )
+
+
+def _check_modules_to_save(config: QLoRAConfig) -> None:
+    names = config.modules_to_save
+    if names is None:
+        return
+    if isinstance(names, str) or not all(isinstance(t, str) and t for t in names):
+        raise ValueError(f"modules_to_save must be a list of module names or None, got {names!r}")
+    object.__setattr__(config, "modules_to_save", tuple(names))
 
 
 def _one_of(name: str, value, allowed: tuple) -> None:

@@ -208,7 +208,7 @@ def prepare_meta(model: nn.Module, config: QLoRAConfig) -> list[pipeline.Rewrite
     """compile()'s model changes on a meta model: storage rewrite, freezing and fp32 norms,
     gradient checkpointing (no Dynamo). Returns the rewrite records."""
     rewrites = rewrite_storage_meta(model, config)
-    pipeline._freeze_and_upcast_norms(model)
+    pipeline._freeze_and_upcast_norms(model, pipeline.saved_modules(model, config))
     if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         with warnings.catch_warnings():  # transformers' rename notice for gradient_checkpointing_enable
             warnings.simplefilter("ignore", FutureWarning)

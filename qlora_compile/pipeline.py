@@ -1,7 +1,9 @@
 """`qlora_compile.compile(model)`: make a PyTorch / Hugging Face model QLoRA-trainable, in place.
 
 1. Storage rewrite: each selected linear becomes a `QLoRALinear` (4-bit base + LoRA adapters),
-   layer by layer, its dense weight dropped at once; everything else is frozen, norms go to fp32.
+   layer by layer, its dense weight dropped at once; `modules_to_save` (by default the task head
+   of a classification / QA model) stay dense and train in full; everything else is frozen, norms
+   go to fp32.
 2. `model.compile(backend=...)`: Dynamo hands our backend FX graphs; the passes in
    `qlora_compile/passes/` rewrite them (and count what they did), then Inductor (or aot_eager)
    compiles the result.
@@ -13,6 +15,7 @@ config keep working.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import itertools
 import logging
@@ -54,6 +57,8 @@ class Report:
     rewrites: list[Rewrite] = field(default_factory=list)
     passes: dict[str, int] = field(default_factory=dict)
     graphs: int = 0
+    modules_to_save: dict[str, int] = field(default_factory=dict)  # module -> parameters trained in full
+    trainable: int = 0  # trainable parameters: LoRA and modules_to_save (counted by `model.qlora.report()`)
 
     @property
     def rewritten(self) -> list[Rewrite]:
@@ -76,6 +81,12 @@ class Report:
             f"{t['bytes_after'] / 2**20:.1f} MiB ({t['bits_per_param']:.3f} bits/param)",
         ]
         lines += [f"  skipped {r.name} ({r.kind}): {r.skipped}" for r in self.skipped]
+        if self.trainable:
+            lines.append(f"trainable parameters: {self.trainable:,}")
+        lines += [
+            f"  trained in full (modules_to_save): {n} ({k:,} parameters)"
+            for n, k in self.modules_to_save.items()
+        ]
         if self.graphs:
             lines.append(
                 f"graphs compiled: {self.graphs}; " + ", ".join(f"{k}: {v}" for k, v in self.passes.items())
@@ -117,8 +128,11 @@ def select_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.
     head = _output_head(model)
     targets = config.target_modules
     keep = kept_dense(model) if targets == "all-linear" else []
+    saved = saved_modules(model, config)
     chosen = []
     for name, module in model.named_modules():
+        if inside(name, saved):  # dense, trained in full: neither 4-bit nor LoRA
+            continue
         linear = (isinstance(module, kinds) or _experts.is_experts(module)) and module is not head
         if callable(targets) and not isinstance(targets, str):
             selected = targets(module, name)
@@ -139,11 +153,75 @@ def select_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.
                     if isinstance(m, kinds) or _experts.is_experts(m)
                 }
             )
+            if any(_experts.matches(n, missing) and inside(n, saved) for n, _ in model.named_modules()):
+                raise ValueError(
+                    f"target_modules {missing} select only modules inside modules_to_save {saved}, which stay "
+                    "dense and train in full: name them in one of the two, not both"
+                )
             raise ValueError(
                 f"target_modules {missing} match no Linear/Conv1D module; the model has: {names}"
             )
     _check_target_parameters(model, config)
     return chosen
+
+
+# PEFT's task heads: its SEQ_CLS and TOKEN_CLS models add "classifier" and "score" to
+# modules_to_save, QUESTION_ANS adds "qa_outputs" (peft_model.py); by the model class's suffix.
+_TASK_HEADS = (
+    ("ForSequenceClassification", ("classifier", "score")),
+    ("ForTokenClassification", ("classifier", "score")),
+    ("ForQuestionAnswering", ("qa_outputs",)),
+)
+
+
+def inside(name: str, modules: list[str]) -> bool:
+    """Whether module `name` is one of `modules` or lies inside one."""
+    return any(name == m or name.startswith(f"{m}.") for m in modules)
+
+
+def task_head_names(model: nn.Module) -> tuple[str, ...]:
+    """The names PEFT's task type for this model class puts in modules_to_save (may not exist)."""
+    cls = type(model).__name__
+    return next((heads for suffix, heads in _TASK_HEADS if cls.endswith(suffix)), ())
+
+
+def saved_modules(model: nn.Module, config: QLoRAConfig) -> list[str]:
+    """Full names of the modules `config.modules_to_save` keeps dense and trains in full: the
+    outermost modules whose names match (as target_modules' names match); None: the task head.
+
+    Raises:
+        ValueError: a name given that matches no module (the message names the closest ones), or a
+            saved module whose parameters are tied to others (training it would train them too).
+    """
+    names = config.modules_to_save
+    given = names is not None
+    names = names if given else task_head_names(model)
+    modules = [n for n, _ in model.named_modules() if n]
+    saved = []
+    for name in modules:
+        if _experts.matches(name, names) and not inside(name, saved):
+            saved.append(name)
+    missing = [t for t in names if not any(_experts.matches(n, [t]) for n in modules)] if given else []
+    if missing:
+        candidates = sorted({n.rsplit(".", 1)[-1] for n in modules} | set(modules))
+        closest = {t: difflib.get_close_matches(t, candidates, n=3, cutoff=0.4) for t in missing}
+        raise ValueError(f"modules_to_save {missing} match no module of the model; closest: {closest}")
+    _check_untied(model, saved)
+    return saved
+
+
+def _check_untied(model: nn.Module, saved: list[str]) -> None:
+    outside = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not inside(name.rpartition(".")[0], saved):
+            outside.setdefault(id(p), name)
+    for module in saved:
+        for name, p in model.get_submodule(module).named_parameters():
+            if id(p) in outside:
+                raise ValueError(
+                    f"modules_to_save: {module}.{name} is tied to {outside[id(p)]}; training it in full would "
+                    "train that one too (PEFT trains a copy instead): untie the weights or leave it out"
+                )
 
 
 def kept_dense(model: nn.Module) -> list[str]:
@@ -197,6 +275,7 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
     """Swap each target for a QLoRALinear, one at a time, so at most one dense layer is extra."""
     kinds = _linear_kinds()
     rewrites = []
+    _dequantize_saved(model, saved_modules(model, config))
     for name, module in select_targets(model, config):
         kind = type(module).__name__
         if _experts.is_experts(module):
@@ -224,6 +303,21 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
         record.bytes_after = layer.quantized_weight.nbytes
         del module, weight, layer  # the dense weight goes now, not at the end of the loop
     return rewrites
+
+
+def _dequantize_saved(model: nn.Module, saved: list[str]) -> None:
+    """A 4-bit linear (from `load_quantized`) inside a module trained in full becomes an nn.Linear
+    with its dequantized weight: a trained head cannot stay 4-bit."""
+    for name, module in list(model.named_modules()):
+        if type(module) is QuantizedLinear and inside(name, saved):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.to(device=module.weight_packed.device, dtype=module.weight_dtype)
+            with torch.no_grad():
+                dense.weight.copy_(module.quantized_weight.dequantize())
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            logger.info("qlora_compile: %s is 4-bit but in modules_to_save: dequantized to train it", name)
+            replace_module(model, name, module, dense)
 
 
 def replace_module(model: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
@@ -260,28 +354,36 @@ def rewrite_experts(
     module.train(module.training)  # its new children take the module's mode
 
 
-def _freeze_and_upcast_norms(model: nn.Module) -> None:
-    """Freeze all but the adapters; norms to fp32, as QLoRA does.
+def _freeze_and_upcast_norms(model: nn.Module, saved: list[str] = ()) -> None:
+    """Freeze all but the adapters and the `saved` modules (modules_to_save, trained in full);
+    norms to fp32, as QLoRA does.
 
     fp32 norms turn the residual stream fp32, so dense layers left unquantized (the output head)
     go to fp32 too, as PEFT's prepare_model_for_kbit_training does: the logits are then made in
     fp32 directly, which the loss needs anyway (a 16-bit head would add a 16-bit copy of them).
+    Saved modules go to fp32 whole: their parameters are trained, as the adapters are, in fp32.
     """
     for name, param in model.named_parameters():
-        param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
+        lora = ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+        param.requires_grad_(lora or inside(name.rpartition(".")[0], saved))
     kinds = _linear_kinds()
-    for module in model.modules():
+    for name, module in model.named_modules():
         dense = isinstance(module, kinds) and not isinstance(module, QLoRALinear)
-        if dense or "norm" in type(module).__name__.lower():
+        if dense or "norm" in type(module).__name__.lower() or name in saved:
             module.float()
 
 
 class QLoRAHandle:
     """`model.qlora`: what compile() did, and the training pieces it attached."""
 
-    def __init__(self, model: nn.Module, config: QLoRAConfig, report: Report):
+    def __init__(
+        self, model: nn.Module, config: QLoRAConfig, report: Report, modules_to_save: list[str] = ()
+    ):
         self._model = model
         self.config = config
+        self.modules_to_save = list(
+            modules_to_save
+        )  # full names: dense, trained in full, saved with the adapter
         self._report = report
         self._optimizer: torch.optim.Optimizer | None = None
         self._hooks = None
@@ -293,7 +395,7 @@ class QLoRAHandle:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """`qlora_compile.optim.PagedAdamW` over the LoRA parameters, from the config (made on first
+        """`qlora_compile.optim.PagedAdamW` over the trainable parameters (LoRA, modules_to_save), from the config (made on first
         use; at once with `step_in_backward`, whose hooks must exist before the first backward)."""
         if self._optimizer is None:
             from .optim import PagedAdamW, step_in_backward
@@ -345,7 +447,13 @@ class QLoRAHandle:
         return float(norm)
 
     def report(self) -> Report:
-        return self._report
+        """What compile did, with the trainable parameters counted as the model has them now."""
+        model, r = self._model, self._report
+        r.modules_to_save = {
+            n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in self.modules_to_save
+        }
+        r.trainable = sum(p.numel() for p in self.trainable_parameters())
+        return r
 
     def save_adapter(self, directory: str | Path) -> Path:
         from .adapters import save_adapter
@@ -377,6 +485,7 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
         raise ValueError(
             "model is already torch.compile'd: pass the original module to qlora_compile.compile"
         )
+    saved = saved_modules(model, config)
     report = Report(rewrite_storage(model, config))
     if not report.rewritten:
         reasons = (
@@ -384,10 +493,10 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
             or "no nn.Linear/Conv1D/experts selected"
         )
         raise ValueError(f"no eligible linear layer to quantize ({reasons})")
-    _freeze_and_upcast_norms(model)
+    _freeze_and_upcast_norms(model, saved)
     if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         _enable_checkpointing(model)
-    model.qlora = QLoRAHandle(model, config, report)
+    model.qlora = QLoRAHandle(model, config, report, saved)
     _compile_forward(model, make_backend(config, report))
     return model
 

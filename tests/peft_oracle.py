@@ -9,6 +9,7 @@ exact path.
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from peft.utils.other import ModulesToSaveWrapper
 
 import qlora_compile
 from qlora_compile import QLoRALinear
@@ -43,10 +44,12 @@ def ours(base_dir, seed=1, model_cls=transformers.AutoModelForCausalLM, **overri
     return model.train()
 
 
-def bnb_base(base_dir, model_cls=transformers.AutoModelForCausalLM):
+def bnb_base(base_dir, model_cls=transformers.AutoModelForCausalLM, skip_modules=None):
+    """transformers + bitsandbytes 4-bit (NF4, double quant, fp32 compute); `skip_modules` stay dense
+    (`llm_int8_skip_modules`, as the QLoRA recipe keeps a classifier head out of 4-bit)."""
     quant = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip_modules,
     )  # fmt: skip
     return model_cls.from_pretrained(
         base_dir, quantization_config=quant, device_map="cpu", dtype=torch.float32
@@ -62,14 +65,34 @@ def peft_lora_modules(model):
     }
 
 
+def peft_saved_modules(model):
+    """The trained copies of PEFT's `modules_to_save` (ModulesToSaveWrapper) by base-model name."""
+    return {
+        name.removeprefix("base_model.model."): m.modules_to_save["default"]
+        for name, m in model.named_modules()
+        if isinstance(m, ModulesToSaveWrapper)
+    }
+
+
 def peft_reference(
-    base_dir, our_model, model_cls=transformers.AutoModelForCausalLM, target_modules="all-linear"
+    base_dir,
+    our_model,
+    model_cls=transformers.AutoModelForCausalLM,
+    target_modules="all-linear",
+    modules_to_save=None,
 ):
     """PEFT LoRA (`target_modules`, r=R, alpha=ALPHA, dropout 0) on `bnb_base`, holding our LoRA
-    weights, in train mode. Both sides must put LoRA on the same modules."""
+    weights, in train mode. Both sides must put LoRA on the same modules. `modules_to_save` stay
+    dense in bitsandbytes (`llm_int8_skip_modules`) and train in full in PEFT, from our weights."""
     model = get_peft_model(
-        bnb_base(base_dir, model_cls),
-        LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=target_modules),
+        bnb_base(base_dir, model_cls, skip_modules=modules_to_save),
+        LoraConfig(
+            r=R,
+            lora_alpha=ALPHA,
+            lora_dropout=0.0,
+            target_modules=target_modules,
+            modules_to_save=modules_to_save,
+        ),
     )
     layers = dict(our_model.named_modules())
     theirs = peft_lora_modules(model)
@@ -77,8 +100,12 @@ def peft_reference(
     assert mine == set(theirs), (
         f"LoRA only here: {sorted(mine - set(theirs))}; only in PEFT: {sorted(set(theirs) - mine)}"
     )
+    saved = peft_saved_modules(model)
+    assert set(saved) == set(our_model.qlora.modules_to_save), (set(saved), our_model.qlora.modules_to_save)
     with torch.no_grad():
         for name, m in theirs.items():
             m.lora_A["default"].weight.copy_(layers[name].lora_A.weight)
             m.lora_B["default"].weight.copy_(layers[name].lora_B.weight)
+        for name, m in saved.items():
+            m.load_state_dict(layers[name].state_dict())
     return model.train()

@@ -14,7 +14,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from peft_oracle import ours, peft_lora_modules, peft_reference
+from peft_oracle import ours, peft_lora_modules, peft_reference, peft_saved_modules
 
 from qlora_compile import QLoRALinear
 
@@ -66,6 +66,11 @@ FAMILIES = {
 # layers are FalconLinear, an nn.Linear subclass, so the stock reference keeps all of them dense.
 # The reference loads Falcon with FalconLinear = nn.Linear, and bitsandbytes quantizes them.
 REFERENCE_LINEAR = {"falcon": (transformers.models.falcon.modeling_falcon, "FalconLinear")}
+
+# Task heads trained in full: our default modules_to_save (the task head, as PEFT's SEQ_CLS names it);
+# the reference keeps them out of 4-bit (`llm_int8_skip_modules`, the QLoRA recipe for a classifier)
+# and trains them by PEFT's `modules_to_save` (a dense copy, no LoRA inside).
+HEADS = {"roberta": ["classifier"]}
 
 # PEFT's "all-linear" also wraps linears that stay dense: T5's `wo` (`_keep_in_fp32_modules`), which
 # transformers + bitsandbytes and we keep in fp32. We put no LoRA on a dense module, so the reference
@@ -152,7 +157,8 @@ def test_matches_peft_reference(name, cases, monkeypatch):
     if name in REFERENCE_LINEAR:
         monkeypatch.setattr(*REFERENCE_LINEAR[name], torch.nn.Linear)
     targets = PEFT_TARGETS.get(name, "all-linear")
-    ref = peft_reference(case.path, model, case.family.model_cls, targets)  # asserts equal LoRA module sets
+    # asserts equal LoRA module sets and equal modules_to_save
+    ref = peft_reference(case.path, model, case.family.model_cls, targets, HEADS.get(name))
     theirs = {n: m.get_base_layer() for n, m in peft_lora_modules(ref).items()}
     dense_there = sorted(n for n, m in theirs.items() if not isinstance(m, bnb.nn.Linear4bit))
     assert not dense_there, f"4-bit here, dense in transformers + bitsandbytes: {dense_there}"
@@ -171,6 +177,12 @@ def test_matches_peft_reference(name, cases, monkeypatch):
             grad = getattr(layers[n], f"lora_{ab}").weight.grad
             grad_ref = getattr(m, f"lora_{ab}")["default"].weight.grad
             torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6, msg=f"{n}.lora_{ab}")
+    for n, m in peft_saved_modules(ref).items():  # the head: dense on both sides, trained in full
+        mine = dict(layers[n].named_parameters())
+        assert all(type(x) is torch.nn.Linear for x in layers[n].modules() if isinstance(x, torch.nn.Linear))
+        assert all(type(x) is torch.nn.Linear for x in m.modules() if isinstance(x, torch.nn.Linear))
+        for k, p in m.named_parameters():
+            torch.testing.assert_close(mine[k].grad, p.grad, rtol=1e-4, atol=1e-6, msg=f"{n}.{k}")
 
 
 def graphs_without_us(case: Case) -> int:
@@ -191,6 +203,11 @@ def graphs_without_us(case: Case) -> int:
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_trains_without_graph_break(name, cases):
     case = cases(name)
+    heads = {n: case.model.get_submodule(n) for n in case.model.qlora.modules_to_save}
+    assert sorted(heads) == HEADS.get(name, [])
+    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in heads.items()}
+    optimized = {id(p) for group in case.model.qlora.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimized for m in heads.values() for p in m.parameters())
     losses = []
     for _ in range(20):
         loss = case.model(**case.inputs).loss
@@ -198,4 +215,6 @@ def test_trains_without_graph_break(name, cases):
         case.model.qlora.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+    for n, m in heads.items():  # every tensor of the head trained
+        assert all(not torch.equal(p, old) for p, old in zip(m.parameters(), before[n], strict=True)), n
     assert case.model.qlora.report().graphs == graphs_without_us(case)  # no graph break of ours
