@@ -6,6 +6,11 @@
 format (ours or PEFT's): `load_adapter` and the exports (`qlora_compile.export`) both use it, so
 both give each module PEFT's rank and scaling: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with
 `use_rslora`, with `r` and `lora_alpha` per module from `rank_pattern` / `alpha_pattern`.
+
+Modules trained in full (`modules_to_save`, the task head of a classifier) are saved as PEFT saves
+them: `adapter_config.json` lists them in `modules_to_save`, and `adapter_model.safetensors` holds
+each one's whole state dict under `base_model.model.<module path>.<key>` (PEFT strips its
+wrapper's `modules_to_save.<adapter name>.` from the keys).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .experts import matches
 from .lora import QLoRALinear, lora_scaling
 
 logger = logging.getLogger(__name__)
@@ -39,7 +45,6 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # (config option, is it set?, why it is refused): what plain LoRA on a frozen base cannot express.
 _UNSUPPORTED = (
     ("use_dora", bool, "DoRA adds a learned magnitude per output feature"),
-    ("modules_to_save", bool, "it carries full copies of modules"),
     ("lora_bias", bool, "lora_B has a bias"),
     ("bias", lambda v: v not in (None, "none"), "it trains the base layers' biases"),
     ("use_qalora", bool, "QA-LoRA pools the LoRA input"),
@@ -75,6 +80,10 @@ class AdapterFolder:
         pairs: module name -> {"A": (r, in_features), "B": (out_features, r)} tensors as stored.
         parameter_tensors: `<module>.lora_A.weight` / `.lora_B.weight` -> tensor, for the modules
             in `parameter_modules` (LoRA on 3-D expert weights, PEFT's `target_parameters`).
+        saved: module name -> its state dict as stored, for the modules trained in full
+            (`modules_to_save`: the outermost module whose name matches an entry, as PEFT's
+            target_modules names match; entries the file has no tensors for are ignored, as PEFT
+            ignores "score" on a model whose head is "classifier").
 
     Args:
         directory: the adapter folder.
@@ -84,8 +93,8 @@ class AdapterFolder:
 
     Raises:
         FileNotFoundError: adapter_config.json or adapter_model.safetensors is missing.
-        ValueError: not a LoRA adapter, an option plain LoRA cannot express (DoRA, modules_to_save,
-            ...), entries other than lora_A / lora_B, or a rank that is not the config's.
+        ValueError: not a LoRA adapter, an option plain LoRA cannot express (DoRA, lora_bias, ...),
+            entries other than lora_A / lora_B outside modules_to_save, or a rank that is not the config's.
     """
 
     def __init__(self, directory: str | Path, parameter_modules: Collection[str] | None = None):
@@ -102,6 +111,7 @@ class AdapterFolder:
                 "experts) is read by load_adapter only; the exports do not handle expert weights"
             )
         self.parameter_tensors: dict[str, torch.Tensor] = {}
+        self.saved: dict[str, dict[str, torch.Tensor]] = {}
         self.use_rslora = bool(self.config.get("use_rslora", False))
         self.pairs = self._read_weights()
         self._check_ranks()
@@ -121,11 +131,22 @@ class AdapterFolder:
             if option not in self.config:
                 raise ValueError(f"{self.dir}: {CONFIG_NAME} has no {option!r}")
 
+    def _saved_module(self, key: str) -> str | None:
+        """The outermost prefix of `key` (a tensor's path) that modules_to_save names, or None."""
+        names = self.config.get("modules_to_save") or ()
+        parts = key.split(".")
+        return next((p for i in range(1, len(parts)) if matches(p := ".".join(parts[:i]), names)), None)
+
     def _read_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         unknown, twice = [], []
         with safe_open(str(self.dir / WEIGHTS_NAME), "pt") as st:
             for key in st.keys():  # noqa: SIM118 (safe_open objects are not iterable)
+                module = self._saved_module(key.removeprefix(_PREFIX))
+                if module is not None:
+                    inner = key.removeprefix(_PREFIX)[len(module) + 1 :]
+                    self.saved.setdefault(module, {})[inner] = st.get_tensor(key)
+                    continue
                 m = _KEY.match(key)
                 if m is None:
                     unknown.append(key)
@@ -138,7 +159,10 @@ class AdapterFolder:
                     twice.append(key)
                 pair[m.group(2)] = st.get_tensor(key)
         if unknown:
-            raise ValueError(f"{self.dir}: unsupported adapter entries {unknown[:5]} (only lora_A/lora_B)")
+            raise ValueError(
+                f"{self.dir}: unsupported adapter entries {unknown[:5]} (only lora_A/lora_B, and the "
+                "modules that modules_to_save names)"
+            )
         if twice:
             raise ValueError(
                 f"{self.dir}: entries {twice[:5]} repeat a module (several adapters in one file?)"
@@ -146,7 +170,7 @@ class AdapterFolder:
         half = [m for m, p in pairs.items() if set(p) != {"A", "B"}]
         if half:
             raise ValueError(f"{self.dir}: modules {half[:5]} lack lora_A or lora_B")
-        if not pairs and not self.parameter_tensors:
+        if not pairs and not self.parameter_tensors and not self.saved:
             raise ValueError(f"{self.dir}: the adapter holds no LoRA weights")
         return pairs
 
@@ -181,6 +205,10 @@ class AdapterFolder:
 
     def modules(self) -> list[str]:
         return list(self.pairs)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the modules trained in full, by its full key (`<module>.<key>`)."""
+        return {f"{m}.{k}": t for m, tensors in self.saved.items() for k, t in tensors.items()}
 
     def rank(self, module: str) -> int:
         """r of `module`: its rank_pattern entry, else the config's r."""
@@ -248,6 +276,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
     Layers with another rank or lora_alpha than the most common one get `rank_pattern` /
     `alpha_pattern` entries (`^<full module name>`), so PEFT rebuilds every layer as it is here.
+    The modules the model trains in full (`model.qlora.modules_to_save`) are written whole, with
+    their full paths in the config's `modules_to_save`.
     """
     layers = _layers(model)
     directory = Path(directory)
@@ -258,6 +288,11 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     for name, layer in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+    saved = _saved(model)
+    for name, module in saved.items():  # the whole state dict, as PEFT's ModulesToSaveWrapper saves it
+        tensors.update(
+            {f"{_PREFIX}{name}.{k}": t.detach().contiguous().cpu() for k, t in module.state_dict().items()}
+        )
     scale = _scale_config(layers)
     config = {
         "peft_type": "LORA",
@@ -273,7 +308,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(saved) or None,
         "use_rslora": scale["use_rslora"],
         "use_dora": False,
     }
@@ -281,6 +316,35 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
     return directory
+
+
+def _saved(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules the model trains in full (compile's modules_to_save), by full name."""
+    names = getattr(getattr(model, "qlora", None), "modules_to_save", None) or []
+    return {n: model.get_submodule(n) for n in names}
+
+
+def _saved_problems(adapter: AdapterFolder, saved: dict[str, nn.Module]) -> list[str]:
+    problems = [
+        f"{n} is trained in full here but not in the adapter (modules_to_save)"
+        for n in sorted(saved.keys() - adapter.saved)
+    ]
+    for name, tensors in adapter.saved.items():
+        if name not in saved:
+            problems.append(
+                f"{name}: the adapter trains it in full (modules_to_save), the model does not "
+                f"(compile with modules_to_save={sorted(adapter.saved)})"
+            )
+            continue
+        state = saved[name].state_dict()
+        problems += [f"missing {name}.{k}" for k in sorted(state.keys() - tensors.keys())]
+        problems += [f"unexpected {name}.{k}" for k in sorted(tensors.keys() - state.keys())]
+        problems += [
+            f"{name}.{k}: shape {tuple(t.shape)} != {tuple(state[k].shape)}"
+            for k, t in tensors.items()
+            if k in state and t.shape != state[k].shape
+        ]
+    return problems
 
 
 def _fit_problems(adapter: AdapterFolder, layers: dict[str, QLoRALinear]) -> list[str]:
@@ -299,7 +363,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     whose rank differs gets new `lora_A` / `lora_B` parameters at the adapter's rank: then
     `model.qlora.optimizer` is dropped and rebuilt over the new parameters on its next use (an
     optimizer you built yourself over the old ones must be rebuilt too). Dropout stays the model's
-    (a training setting; the adapter's `lora_dropout` is not applied).
+    (a training setting; the adapter's `lora_dropout` is not applied). The modules the model trains
+    in full (`modules_to_save`) take the adapter's tensors, in place; the adapter must have exactly
+    those modules.
 
     Raises:
         FileNotFoundError: the folder lacks adapter_config.json or adapter_model.safetensors.
@@ -313,7 +379,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     layers = _layers(model)
     tensors = dict(adapter.parameter_tensors)
     experts = _load_expert_adapters(model, tensors, adapter.config)  # takes the experts' keys out
-    problems = _fit_problems(adapter, layers)
+    saved = _saved(model)
+    problems = _fit_problems(adapter, layers) + _saved_problems(adapter, saved)
     problems += [f"unexpected {k}" for k in sorted(tensors)] + experts.problems
     if problems:
         raise ValueError(f"adapter in {adapter.dir} does not fit the model: " + "; ".join(problems[:10]))
@@ -327,6 +394,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             layer.set_scale(adapter.alpha(name), adapter.use_rslora)
             layer.lora_A.weight.copy_(adapter.pairs[name]["A"])
             layer.lora_B.weight.copy_(adapter.pairs[name]["B"])
+        for name, module in saved.items():  # in place: the optimizer keeps its parameters
+            module.load_state_dict(adapter.saved[name])
     handle = getattr(model, "qlora", None)
     if resized and handle is not None:
         logger.info("load_adapter: %d layers took a new rank; rebuilding model.qlora.optimizer", len(resized))

@@ -28,6 +28,18 @@ def llama_folder(path):
     return path
 
 
+def classifier_folder(path):
+    """A small random RoBERTa sequence classifier (3 labels, dropout 0) saved as an HF folder at `path`."""
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=66, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        problem_type="single_label_classification",
+    )  # fmt: skip
+    transformers.RobertaForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
 def ours(base_dir, seed=1, model_cls=transformers.AutoModelForCausalLM, **overrides):
     """Our compiled `model_cls` of `base_dir` (fp32, r=R, alpha=ALPHA, no dropout), lora_B random."""
     model = model_cls.from_pretrained(base_dir, dtype=torch.float32)

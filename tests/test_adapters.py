@@ -11,7 +11,17 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.other import get_pattern_key
-from peft_oracle import ALPHA, R, bnb_base, llama_folder, ours, peft_lora_modules
+from peft_oracle import (
+    ALPHA,
+    R,
+    bnb_base,
+    classifier_folder,
+    llama_folder,
+    ours,
+    peft_lora_modules,
+    peft_saved_modules,
+)
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qlora_compile
@@ -201,7 +211,7 @@ def test_reader_patterns_follow_peft(tmp_path):
     ("config", "match"),
     [
         ({"peft_type": "LOHA"}, "only LoRA adapters are supported, got peft_type 'LOHA'"),
-        ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
+        ({"lora_bias": True}, "lora_bias=True is not supported"),
         ({"init_lora_weights": "pissa_niter_4"}, "changed the base weights"),
         ({"bias": "all"}, "bias='all' is not supported"),
         ({"rank_pattern": {"q_proj": 2}}, r"m.q_proj: lora_A \(4, 16\), lora_B \(8, 4\) for rank 2"),
@@ -218,3 +228,119 @@ def test_reader_refuses_two_adapters_in_one_file(tmp_path):
     tensors = {f"m.q_proj.lora_{ab}.{n}.weight": torch.zeros(4, 4) for ab in "AB" for n in ("x", "y")}
     with pytest.raises(ValueError, match="repeat a module"):
         AdapterFolder(_folder(tmp_path / "a", {"r": 4, "lora_alpha": 8}, tensors))
+
+
+# ---- modules trained in full (PEFT's modules_to_save): a RoBERTa classifier's head ----
+CLS = transformers.AutoModelForSequenceClassification
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    return classifier_folder(tmp_path_factory.mktemp("roberta"))
+
+
+def head_reference(classifier_dir):
+    """transformers + bitsandbytes with the head dense (the QLoRA recipe: `llm_int8_skip_modules`)."""
+    return bnb_base(classifier_dir, CLS, skip_modules=["classifier"])
+
+
+def perturb(module, seed):
+    """Move every tensor of `module` off its initial values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_peft_head_adapter_loads(classifier_dir, tmp_path):
+    config = LoraConfig(
+        r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS"
+    )
+    ref = get_peft_model(head_reference(classifier_dir), config)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in peft_lora_modules(ref).values():
+            m.lora_B["default"].weight.copy_(
+                torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.05
+            )
+    perturb(peft_saved_modules(ref)["classifier"], seed=5)
+    ref.save_pretrained(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["modules_to_save"]
+    assert sorted(saved) == ["classifier", "score"]  # PEFT's SEQ_CLS names; this model has no "score"
+    model = ours(classifier_dir, model_cls=CLS)  # default modules_to_save: the task head
+    assert model.qlora.modules_to_save == ["classifier"]
+    optimized = {id(p) for group in model.qlora.optimizer.param_groups for p in group["params"]}
+    qlora_compile.load_adapter(model, tmp_path / "a")
+    assert_layers_like_peft(model, ref)
+    torch.testing.assert_close(logits(model), logits(ref.train()), **TOL)
+    assert {id(p) for p in model.qlora.trainable_parameters()} == optimized  # loaded in place
+
+
+def test_our_head_adapter_loads_in_peft(classifier_dir, tmp_path):
+    model = ours(classifier_dir, model_cls=CLS)
+    perturb(model.classifier, seed=6)
+    qlora_compile.save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (config["modules_to_save"], config["task_type"]) == (["classifier"], "SEQ_CLS")
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as st:
+        head = {k for k in st.keys() if ".lora_" not in k}  # noqa: SIM118
+    assert head == {f"base_model.model.classifier.{k}" for k in model.classifier.state_dict()}
+    ref = PeftModel.from_pretrained(head_reference(classifier_dir), tmp_path / "ours").train()
+    assert_layers_like_peft(model, ref)
+    expected = logits(model)
+    torch.testing.assert_close(logits(ref), expected, **TOL)
+    again = ours(classifier_dir, model_cls=CLS, seed=9)
+    qlora_compile.load_adapter(again, tmp_path / "ours")
+    torch.testing.assert_close(logits(again), expected, atol=0, rtol=0)
+
+
+def test_head_adapter_mismatches_are_listed(classifier_dir, tmp_path):
+    model = ours(classifier_dir, model_cls=CLS)
+    qlora_compile.save_adapter(model, tmp_path / "ours")
+    plain = ours(classifier_dir, model_cls=CLS, modules_to_save=())  # the head 4-bit with LoRA, as before
+    with pytest.raises(ValueError, match=r"classifier: the adapter trains it in full .* the model does not"):
+        qlora_compile.load_adapter(plain, tmp_path / "ours")
+    qlora_compile.save_adapter(plain, tmp_path / "plain")
+    with pytest.raises(ValueError, match="classifier is trained in full here but not in the adapter"):
+        qlora_compile.load_adapter(model, tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"modules_to_save \['clasifier'\] match no module .*'classifier'"):
+        ours(classifier_dir, model_cls=CLS, modules_to_save=["clasifier"])
+
+
+def test_exports_keep_the_trained_head(classifier_dir, tmp_path):
+    import onnxruntime
+
+    from qlora_compile import quantize_weight
+
+    model = ours(classifier_dir, model_cls=CLS)
+    perturb(model.classifier, seed=7)
+    qlora_compile.save_adapter(model, tmp_path / "a")
+    expected = logits(model)
+    head = {k: t.detach().clone() for k, t in model.classifier.state_dict().items()}
+
+    qlora_compile.export_merged(classifier_dir, tmp_path / "a", tmp_path / "merged")
+    merged = CLS.from_pretrained(tmp_path / "merged", dtype=torch.float32).train()
+    for k, t in merged.classifier.state_dict().items():
+        assert torch.equal(t, head[k]), k
+    torch.testing.assert_close(logits(merged), expected, atol=2e-6, rtol=1e-5)
+
+    _, reports = qlora_compile.export_nf4(classifier_dir, tmp_path / "a", tmp_path / "nf4")
+    skip = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"][
+        "llm_int8_skip_modules"
+    ]
+    assert {"classifier.dense", "classifier.out_proj"} <= set(skip)
+    reloaded = CLS.from_pretrained(tmp_path / "nf4", device_map="cpu", dtype=torch.float32).train()
+    assert type(reloaded.roberta.encoder.layer[0].attention.self.query).__name__ == "Linear4bit"
+    for k, t in reloaded.classifier.state_dict().items():  # dense, trained values
+        assert torch.equal(t, head[k]), k
+    with torch.no_grad():  # the merged model with its merged layers re-quantized: what nf4 holds
+        for r in reports:
+            w = merged.get_submodule(r.module).weight
+            w.copy_(quantize_weight(w).dequantize())
+    torch.testing.assert_close(logits(reloaded), logits(merged), atol=2e-6, rtol=1e-5)
+
+    qlora_compile.export_onnx(classifier_dir, tmp_path / "a", tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = IDS.numpy()
+    (got,) = session.run(None, {"input_ids": ids, "attention_mask": torch.ones_like(IDS).numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=2e-5, rtol=1e-4)

@@ -4,6 +4,10 @@ A base folder is either a 16-bit Hugging Face folder (each target linear is quan
 as `qlora_compile.compile` quantizes it) or a bitsandbytes 4-bit folder (config.json carries
 `quantization_config`; each quantized linear is a group of `<module>.weight*` entries, rebuilt with
 `QuantizedWeight.from_bnb`). Tensors are read one at a time through `safetensors.safe_open`.
+
+Modules an adapter trains in full (`modules_to_save`) stay dense in every export, with the
+adapter's tensors in place of the base's: a 16-bit base does not quantize them; a bitsandbytes
+base's 4-bit entries for them are dropped, the adapter giving their dense weight.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..adapters import AdapterFolder
 from ..checkpoint._model import model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
 from ..format import QuantizedWeight, quantize_weight
+from ..pipeline import inside
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -76,13 +81,21 @@ class BaseModel:
     Args:
         directory: a 16-bit HF folder or a bitsandbytes 4-bit folder (safetensors only).
         options: quantization of a 16-bit base's target linears (compile's defaults).
+        modules_to_save: modules kept dense (their weights come from an adapter), as compile's
+            `modules_to_save`; None: compile's default (the task head of a classifier).
     """
 
-    def __init__(self, directory: str | Path, options: QuantOptions | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        options: QuantOptions | None = None,
+        modules_to_save: list[str] | None = None,
+    ):
         import transformers
 
         self.dir = Path(directory)
         self.options = options or QuantOptions()
+        self.modules_to_save = modules_to_save
         if not (self.dir / "config.json").exists():
             raise FileNotFoundError(f"{self.dir / 'config.json'} does not exist (not a model folder)")
         self.config_dict = json.loads((self.dir / "config.json").read_text())
@@ -101,6 +114,9 @@ class BaseModel:
                     self._where[k] = f
         self.quantized = self._find_quantized()  # module name -> its weight keys (bnb base)
         self.linears, self.conv1d, self.head = self._linear_modules()
+        # 4-bit entries of modules trained in full: dropped, `<module>.weight` then comes dense from the adapter
+        self.dequantized = {m: keys for m, keys in self.quantized.items() if inside(m, self.saved)}
+        self.quantized = {m: keys for m, keys in self.quantized.items() if m not in self.dequantized}
         if not self.bnb:
             missing = [m for m in self.linears if f"{m}.weight" not in self._where]
             if missing:
@@ -138,9 +154,12 @@ class BaseModel:
     def _linear_modules(self) -> tuple[list[str], set[str], set[str]]:
         """(linears compile() would quantize, which of the model's linears are Conv1D, output head names)."""
         from ..config import QLoRAConfig
-        from ..pipeline import _linear_kinds, _output_head, select_targets
+        from ..pipeline import _linear_kinds, _output_head, saved_modules, select_targets
 
         model = empty_model(self.config)
+        config = QLoRAConfig(modules_to_save=self.modules_to_save)
+        # a bitsandbytes base without an adapter stays as its file has it (no dense weights for a 4-bit head)
+        self.saved = [] if self.bnb and self.modules_to_save is None else saved_modules(model, config)
         head = _output_head(model)
         heads = {n for n, m in model.named_modules() if m is head and head is not None}
         kinds = _linear_kinds()
@@ -150,7 +169,7 @@ class BaseModel:
         self.all_linears = [n for n, m in model.named_modules() if isinstance(m, kinds)]
         if self.bnb:
             return list(self.quantized), conv1d, heads
-        return [n for n, _ in select_targets(model, QLoRAConfig())], conv1d, heads
+        return [n for n, _ in select_targets(model, config)], conv1d, heads
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -174,10 +193,14 @@ class BaseModel:
         return quantize_weight(w, quant_type=o.quant_type, blocksize=o.blocksize, double_quant=o.double_quant)
 
     def items(self) -> Iterator[tuple[str, str]]:
-        """("quantized", module) or ("dense", key), in the files' order, each quantized module once."""
+        """("quantized", module) or ("dense", key), in the files' order, each quantized module once;
+        a dropped 4-bit module of `modules_to_save` as ("dense", "<module>.weight")."""
         owner = {k: m for m, keys in self.quantized.items() for k in keys}
+        dropped = {k for m, keys in self.dequantized.items() for k in keys if k != f"{m}.weight"}
         seen = set()
         for key in self._where:
+            if key in dropped:
+                continue
             module = owner.get(key)
             if module is None:
                 yield "dense", key
@@ -187,18 +210,44 @@ class BaseModel:
 
 
 def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
-    """Every adapter module is a quantized linear of the base, with matching shapes."""
+    """Every adapter module is a quantized linear of the base, with matching shapes; every tensor of
+    a module trained in full replaces a base tensor of its shape (a dropped 4-bit weight's: (out, in))."""
     problems = adapter.shape_problems(
         lambda m: _out_in(base, m) if m in base.quantized else None,
         unknown="{} is not a quantized linear of the base",
     )
+    saved = adapter.saved_tensors()
+    problems += [
+        f"missing {m}.weight (modules_to_save, 4-bit in the base)"
+        for m in base.dequantized
+        if f"{m}.weight" not in saved
+    ]
+    for key, t in saved.items():
+        module = key.removesuffix(".weight")
+        if module in base.dequantized:
+            shape = _out_in(base, module)
+        elif key in base._where:
+            with safe_open(str(base._where[key]), "pt") as st:
+                shape = tuple(st.get_slice(key).get_shape())
+        else:
+            problems.append(f"{key} (modules_to_save) is not a tensor of the base")
+            continue
+        if tuple(t.shape) != tuple(shape):
+            problems.append(f"{key} (modules_to_save): shape {tuple(t.shape)} != the base's {tuple(shape)}")
     if problems:
         raise ValueError(f"adapter {adapter.dir} does not fit base {base.dir}: " + "; ".join(problems[:10]))
 
 
+def dense_tensor(base: BaseModel, saved: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A dense entry of the output: the adapter's (`saved`: `AdapterFolder.saved_tensors()`) for a
+    module trained in full, else the base's."""
+    return saved[key] if key in saved else base.tensor(key)
+
+
 def _out_in(base: BaseModel, module: str) -> tuple[int, int]:
     if base.bnb:
-        state_key = next(k for k in base.quantized[module] if ".quant_state." in k)
+        keys = base.quantized.get(module) or base.dequantized[module]
+        state_key = next(k for k in keys if ".quant_state." in k)
         shape = json.loads(bytes(base.tensor(state_key).tolist()).decode())["shape"]
         return tuple(shape)
     with safe_open(str(base._where[f"{module}.weight"]), "pt") as st:

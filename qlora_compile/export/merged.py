@@ -19,6 +19,7 @@ from ._base import (
     QuantOptions,
     check_fits,
     copy_side_files,
+    dense_tensor,
     output_folder,
     parse_dtype,
     progress,
@@ -26,9 +27,12 @@ from ._base import (
 
 
 def open_inputs(base, adapter, quant_type: str, blocksize: int, double_quant: bool):
-    """(BaseModel, AdapterFolder or None), the adapter checked against the base."""
-    base_model = BaseModel(base, QuantOptions(quant_type, blocksize, double_quant))
+    """(BaseModel, AdapterFolder or None), the adapter checked against the base. The modules the
+    adapter trains in full stay dense (with an adapter that has none, every target is 4-bit as
+    `compile(modules_to_save=())` makes it; without an adapter, compile's default)."""
     lora = None if adapter is None else AdapterFolder(adapter)
+    saved = None if lora is None else sorted(lora.saved)
+    base_model = BaseModel(base, QuantOptions(quant_type, blocksize, double_quant), modules_to_save=saved)
     if lora is not None:
         check_fits(lora, base_model)
     return base_model, lora
@@ -75,7 +79,8 @@ def export_merged(
     Args:
         base: a 16-bit HF folder (its target linears are quantized with quant_type / blocksize /
             double_quant, as `qlora_compile.compile` does) or a bitsandbytes 4-bit folder.
-        adapter: a PEFT-format LoRA folder (`save_adapter` or PEFT), or None (dequantize only).
+        adapter: a PEFT-format LoRA folder (`save_adapter` or PEFT), or None (dequantize only). The
+            modules it trains in full (`modules_to_save`) are written with its tensors.
         out: output folder, replaced atomically (written as `<out>.partial`, then renamed).
         dtype: "auto"/None (merged weights in the base weight's dtype, other tensors as stored),
             or "float32" / "float16" / "bfloat16" for every floating tensor.
@@ -87,12 +92,13 @@ def export_merged(
     dtype = parse_dtype(dtype)
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
     items = list(base_model.items())
+    saved = lora.saved_tensors() if lora is not None else {}
     with output_folder(out) as tmp:
         writer = SafetensorsWriter(tmp / "model.safetensors")
         done = 0
         for kind, name in items:
             if kind == "dense":
-                writer.add(name, cast(base_model.tensor(name), dtype))
+                writer.add(name, cast(dense_tensor(base_model, saved, name), dtype))
                 continue
             w, _, _ = merged_weight(base_model, lora, name, dtype)
             writer.add(f"{name}.weight", w.t() if name in base_model.conv1d else w)

@@ -18,7 +18,7 @@ from ..checkpoint._safetensors import SafetensorsWriter
 from ..checkpoint.convert import bnb_quantization_config
 from ..codes import code4
 from ..format import QuantizedWeight, quantize_weight
-from ._base import copy_side_files, output_folder, parse_dtype, progress
+from ._base import copy_side_files, dense_tensor, output_folder, parse_dtype, progress
 from .merged import cast, merged_weight, open_inputs, write_config
 
 
@@ -110,7 +110,9 @@ def export_nf4(
     quantization; layers the adapter does not touch keep their 4-bit bytes (a bitsandbytes base)
     or are quantized as `qlora_compile.compile` does (a 16-bit base). Arguments as in
     `export_merged`; `dtype` is also the dtype the merged weights are rounded to before
-    re-quantizing, and the compute dtype recorded in quantization_config.
+    re-quantizing, and the compute dtype recorded in quantization_config. Modules the adapter trains
+    in full stay dense, with its tensors, and are listed in `llm_int8_skip_modules` (with every
+    other linear left dense), so transformers + bitsandbytes loads them dense.
 
     Returns:
         (out, one LayerReport per merged layer).
@@ -118,6 +120,7 @@ def export_nf4(
     dtype = parse_dtype(dtype)
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
     items = list(base_model.items())
+    saved = lora.saved_tensors() if lora is not None else {}
     reports: list[LayerReport] = []
     kinds = set()
     weight_dtype = None
@@ -126,7 +129,7 @@ def export_nf4(
         done = 0
         for kind, name in items:
             if kind == "dense":
-                writer.add(name, cast(base_model.tensor(name), dtype))
+                writer.add(name, cast(dense_tensor(base_model, saved, name), dtype))
                 continue
             if lora is not None and name in lora.pairs:
                 new, report, qw = requantized(base_model, lora, name, dtype)

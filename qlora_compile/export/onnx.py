@@ -24,7 +24,7 @@ from torch import nn
 
 from ..lora import QLoRALinear
 from ..modules import QuantizedLinear
-from ._base import BaseModel, empty_model, progress
+from ._base import BaseModel, dense_tensor, empty_model, progress
 from .merged import open_inputs
 from .nf4 import requantized
 
@@ -101,12 +101,14 @@ def _plain_absmax(qw):
 
 def build_model(base: BaseModel, adapter=None, merge: bool = False) -> nn.Module:
     """The base as a PyTorch model in fp32 whose target linears are 4-bit (absmax de-nested),
-    with the adapter as QLoRALinear branches (or merged and re-quantized)."""
+    with the adapter as QLoRALinear branches (or merged and re-quantized), and the modules it
+    trains in full dense with its tensors."""
     model = empty_model(base.config, device="cpu")  # uninitialized: dense linears are replaced unread
     dense, quantized = {}, set()
+    saved = adapter.saved_tensors() if adapter is not None else {}  # modules trained in full
     for kind, name in base.items():
         if kind == "dense":
-            dense[name] = base.tensor(name)
+            dense[name] = dense_tensor(base, saved, name)
             continue
         quantized.add(name)
         old = model.get_submodule(name)
