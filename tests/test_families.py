@@ -206,8 +206,12 @@ def test_trains_without_graph_break(name, cases):
     heads = {n: case.model.get_submodule(n) for n in case.model.qlora.modules_to_save}
     assert sorted(heads) == HEADS.get(name, [])
     before = {n: [p.detach().clone() for p in m.parameters()] for n, m in heads.items()}
-    optimized = {id(p) for group in case.model.qlora.optimizer.param_groups for p in group["params"]}
-    assert all(id(p) in optimized for m in heads.values() for p in m.parameters())
+    params = [p for group in case.model.qlora.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for m in heads.values() for p in m.parameters()} <= {id(p) for p in params}
+    report = case.model.qlora.report()
+    assert report.modules_to_save == {n: sum(p.numel() for p in m.parameters()) for n, m in heads.items()}
+    assert report.trainable == sum(p.numel() for p in params)
+    assert all(f"trained in full (modules_to_save): {n}" in str(report) for n in heads)
     losses = []
     for _ in range(20):
         loss = case.model(**case.inputs).loss
