@@ -5,11 +5,12 @@ from .checkpoint import ConversionError, convert_checkpoint, load_quantized
 from .config import QLoRAConfig
 from .export import export_merged, export_nf4, export_onnx
 from .format import QuantizedWeight, quantize_weight
-from .lora import QLoRALinear
+from .lora import LoRALinear, QLoRALinear
 from .pipeline import compile
 
 __all__ = [
     "ConversionError",
+    "LoRALinear",
     "QLoRAConfig",
     "QLoRALinear",
     "QuantizedWeight",

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .experts import matches
-from .lora import QLoRALinear, lora_scaling
+from .lora import LoRALayer, lora_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +228,9 @@ class AdapterFolder:
         return (b @ a) * self.scaling(module)
 
 
-def _layers(model: nn.Module) -> dict[str, QLoRALinear]:
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
+def _layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """The LoRA layers: `QLoRALinear` (4-bit base) and `LoRALinear` (a linear kept dense)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
     if not layers:
         raise ValueError("the model has no QLoRA layers: run qlora_compile.compile(model) first")
     return layers
@@ -249,7 +250,7 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(partial, path)  # a crash leaves the old file or none, never half of one
 
 
-def _scale_config(layers: dict[str, QLoRALinear]) -> dict:
+def _scale_config(layers: dict[str, LoRALayer]) -> dict:
     """r, lora_alpha and use_rslora, with rank_pattern / alpha_pattern for the layers that differ
     from the most common value (each pattern anchored to one full module name)."""
     rslora = {layer.use_rslora for layer in layers.values()}
@@ -260,7 +261,7 @@ def _scale_config(layers: dict[str, QLoRALinear]) -> dict:
         if abs(layer.scaling - expected) > 1e-12 * abs(expected):
             raise ValueError(
                 f"{name}: scaling {layer.scaling} is not PEFT's {expected} for r={layer.r}, "
-                f"lora_alpha={layer.lora_alpha}: set it with QLoRALinear.set_scale"
+                f"lora_alpha={layer.lora_alpha}: set it with set_scale"
             )
     config: dict = {"use_rslora": rslora.pop()}
     for key, pattern, attr in (("r", "rank_pattern", "r"), ("lora_alpha", "alpha_pattern", "lora_alpha")):
@@ -347,7 +348,7 @@ def _saved_problems(adapter: AdapterFolder, saved: dict[str, nn.Module]) -> list
     return problems
 
 
-def _fit_problems(adapter: AdapterFolder, layers: dict[str, QLoRALinear]) -> list[str]:
+def _fit_problems(adapter: AdapterFolder, layers: dict[str, LoRALayer]) -> list[str]:
     problems = [f"missing {n}.lora_{ab}.weight" for n in sorted(layers.keys() - adapter.pairs) for ab in "AB"]
     return problems + adapter.shape_problems(
         lambda n: (layers[n].out_features, layers[n].in_features) if n in layers else None,

@@ -107,10 +107,11 @@ def _meta_quantized_weight(shape: torch.Size, dtype: torch.dtype, config: QLoRAC
 
 
 def rewrite_storage_meta(model: nn.Module, config: QLoRAConfig) -> list[pipeline.Rewrite]:
-    """`pipeline.rewrite_storage` for a model on the meta device: same selection, skips and
-    classes, with 4-bit weights of meta tensors of the sizes quantization makes."""
+    """`pipeline.rewrite_storage` (and `add_dense_lora`) for a model on the meta device: same
+    selection, skips and classes, with 4-bit weights of meta tensors of the sizes quantization makes."""
     kinds = pipeline._linear_kinds()
     rewrites = []
+    dense = pipeline.dense_lora_targets(model, config)
     for name, module in pipeline.select_targets(model, config):
         kind = type(module).__name__
         if is_experts(module):  # 3-D expert weights: per expert, as compile does
@@ -137,6 +138,7 @@ def rewrite_storage_meta(model: nn.Module, config: QLoRAConfig) -> list[pipeline
         layer.fan_in_fan_out = not isinstance(module, nn.Linear)
         pipeline.replace_module(model, name, module, layer)
         record.bytes_after = layer.quantized_weight.nbytes
+    pipeline.add_dense_lora(model, config, dense)
     return rewrites
 
 

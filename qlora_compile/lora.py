@@ -7,7 +7,8 @@ as PEFT's `lora.Linear4bit` computes it: the base product runs in `compute_dtype
 cast to it and the result cast back), the LoRA branch in the adapters' dtype (fp32), and the two
 are added in the input's dtype. `lora_A` is kaiming-uniform (a = sqrt(5)) and `lora_B` zeros, so
 the layer starts equal to the base. The names (`lora_A`, `lora_B`, `r`, `lora_alpha`) and the
-state-dict keys (`<path>.lora_A.weight`) are PEFT's.
+state-dict keys (`<path>.lora_A.weight`) are PEFT's. `LoRALinear` is the same branch on a dense
+`nn.Linear` (PEFT's `lora.Linear`), for linears kept dense; `LoRALayer` holds what the two share.
 """
 
 from __future__ import annotations
@@ -27,33 +28,21 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-class QLoRALinear(QuantizedLinear):
-    """A `QuantizedLinear` plus LoRA adapters.
+class LoRALayer:
+    """The LoRA half of a layer (PEFT's `LoraLayer`): `lora_A`, `lora_B`, `lora_dropout`, `r`,
+    `lora_alpha`, `scaling`, shared by `QLoRALinear` (4-bit base) and `LoRALinear` (dense base).
+    The class it is mixed into is an `nn.Module` with `in_features` and `out_features`."""
 
-    Args:
-        weight: the quantized (out_features, in_features) base weight.
-        bias: optional frozen bias.
-        r: LoRA rank; lora_alpha: scaling numerator; lora_dropout: dropout on the LoRA input.
-        use_rslora: scale by lora_alpha / sqrt(r) instead of lora_alpha / r.
-        compute_dtype: dtype of the base product.
-        adapter_dtype: dtype of `lora_A` and `lora_B` (fp32, as PEFT keeps them).
-    """
-
-    def __init__(
+    def _init_lora(
         self,
-        weight: QuantizedWeight,
-        bias: torch.Tensor | None = None,
-        *,
-        r: int = 64,
-        lora_alpha: float = 16,
-        lora_dropout: float = 0.05,
-        use_rslora: bool = False,
-        compute_dtype: torch.dtype = torch.bfloat16,
-        adapter_dtype: torch.dtype = torch.float32,
-    ):
-        super().__init__(weight, bias)
-        self.compute_dtype = compute_dtype
-        self._new_adapters(r, weight.device, adapter_dtype)
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        use_rslora: bool,
+        device,
+        adapter_dtype: torch.dtype,
+    ) -> None:
+        self._new_adapters(r, device, adapter_dtype)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.set_scale(lora_alpha, use_rslora)
 
@@ -88,6 +77,35 @@ class QLoRALinear(QuantizedLinear):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+
+class QLoRALinear(LoRALayer, QuantizedLinear):
+    """A `QuantizedLinear` plus LoRA adapters.
+
+    Args:
+        weight: the quantized (out_features, in_features) base weight.
+        bias: optional frozen bias.
+        r: LoRA rank; lora_alpha: scaling numerator; lora_dropout: dropout on the LoRA input.
+        use_rslora: scale by lora_alpha / sqrt(r) instead of lora_alpha / r.
+        compute_dtype: dtype of the base product.
+        adapter_dtype: dtype of `lora_A` and `lora_B` (fp32, as PEFT keeps them).
+    """
+
+    def __init__(
+        self,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        *,
+        r: int = 64,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.05,
+        use_rslora: bool = False,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        adapter_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__(weight, bias)
+        self.compute_dtype = compute_dtype
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, weight.device, adapter_dtype)
+
     @classmethod
     def from_dense(
         cls,
@@ -113,3 +131,44 @@ class QLoRALinear(QuantizedLinear):
     def extra_repr(self) -> str:
         rs = ", use_rslora=True" if self.use_rslora else ""
         return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}{rs}, compute_dtype={self.compute_dtype}"
+
+
+class LoRALinear(LoRALayer, nn.Linear):
+    """A frozen dense `nn.Linear` plus LoRA adapters (PEFT's `lora.Linear` on a plain base): for
+    the linears "all-linear" keeps dense as transformers + bitsandbytes does (T5's `wo`,
+    `_keep_in_fp32_modules`), which PEFT's "all-linear" still adapts.
+
+        y = x W^T + b + lora_B(lora_A(dropout(x))) * scaling
+
+    The base product runs in the weight's dtype, the branch in the adapters' (fp32), added in the
+    input's dtype. `weight` and `bias` are the original module's parameters (not copied), so
+    state-dict keys and `.weight` reads stay as they were.
+
+    Args:
+        base: the dense layer; its parameters are taken over.
+        r, lora_alpha, lora_dropout, use_rslora, adapter_dtype: as `QLoRALinear`.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        r: int = 64,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.05,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype = torch.float32,
+    ):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, base.weight.device, adapter_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = super().forward(x)
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        return (base + lora).to(base.dtype)  # PEFT's order: add, then back to the base's dtype
+
+    def extra_repr(self) -> str:
+        rs = ", use_rslora=True" if self.use_rslora else ""
+        return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}{rs}"

@@ -31,7 +31,7 @@ from . import experts as _experts
 from .checkpoint._model import modules_to_not_convert, should_convert
 from .config import QLoRAConfig
 from .format import quantize_weight
-from .lora import QLoRALinear
+from .lora import LoRALayer, LoRALinear, QLoRALinear
 from .modules import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Report:
     rewrites: list[Rewrite] = field(default_factory=list)
     passes: dict[str, int] = field(default_factory=dict)
     graphs: int = 0
+    dense_lora: list[str] = field(default_factory=list)  # linears kept dense, with LoRA (`LoRALinear`)
     modules_to_save: dict[str, int] = field(default_factory=dict)  # module -> parameters trained in full
     trainable: int = 0  # trainable parameters: LoRA and modules_to_save (counted by `model.qlora.report()`)
 
@@ -81,6 +82,8 @@ class Report:
             f"{t['bytes_after'] / 2**20:.1f} MiB ({t['bits_per_param']:.3f} bits/param)",
         ]
         lines += [f"  skipped {r.name} ({r.kind}): {r.skipped}" for r in self.skipped]
+        if self.dense_lora:
+            lines.append(f"LoRA on {len(self.dense_lora)} linears kept dense: {', '.join(self.dense_lora)}")
         if self.trainable:
             lines.append(f"trainable parameters: {self.trainable:,}")
         lines += [
@@ -224,6 +227,27 @@ def _check_untied(model: nn.Module, saved: list[str]) -> None:
                 )
 
 
+def dense_lora_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of the linears "all-linear" keeps dense (`kept_dense`: T5's `wo`) that get
+    LoRA on their dense weight, as PEFT's "all-linear" adapts every linear but the output head:
+    every `nn.Linear` that `select_targets` leaves out, except the output head, `lm_head` and
+    modules_to_save. None with another target_modules."""
+    if config.target_modules != "all-linear":
+        return []
+    head, saved = _output_head(model), saved_modules(model, config)
+    chosen = {id(m) for _, m in select_targets(model, config)}
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and not isinstance(m, LoRALayer)
+        and id(m) not in chosen
+        and m is not head
+        and name.split(".")[-1] != "lm_head"
+        and not inside(name, saved)
+    ]
+
+
 def kept_dense(model: nn.Module) -> list[str]:
     """Module-name patterns that "all-linear" leaves dense on a transformers model: the rule of
     transformers' bitsandbytes quantizer (output head, tied weights, the last module,
@@ -305,6 +329,17 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
     return rewrites
 
 
+def add_dense_lora(model: nn.Module, config: QLoRAConfig, targets: list[tuple[str, nn.Linear]]) -> list[str]:
+    """Give each of `targets` (from `dense_lora_targets`, chosen before the storage rewrite) LoRA on
+    its dense weight: a `LoRALinear` that takes over the module's parameters. Returns the names."""
+    kwargs = {
+        k: v for k, v in config.lora_kwargs().items() if k != "compute_dtype"
+    }  # the base stays as it is
+    for name, module in targets:
+        replace_module(model, name, module, LoRALinear(module, **kwargs))
+    return [name for name, _ in targets]
+
+
 def _dequantize_saved(model: nn.Module, saved: list[str]) -> None:
     """A 4-bit linear (from `load_quantized`) inside a module trained in full becomes an nn.Linear
     with its dequantized weight: a trained head cannot stay 4-bit."""
@@ -368,7 +403,7 @@ def _freeze_and_upcast_norms(model: nn.Module, saved: list[str] = ()) -> None:
         param.requires_grad_(lora or inside(name.rpartition(".")[0], saved))
     kinds = _linear_kinds()
     for name, module in model.named_modules():
-        dense = isinstance(module, kinds) and not isinstance(module, QLoRALinear)
+        dense = isinstance(module, kinds) and not isinstance(module, QLoRALinear)  # LoRALinear: all fp32
         if dense or "norm" in type(module).__name__.lower() or name in saved:
             module.float()
 
@@ -477,7 +512,7 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
 
     config = (config or QLoRAConfig()).with_overrides(**overrides)
     if hasattr(model, "qlora") or any(
-        isinstance(m, (QLoRALinear, _experts.QuantizedExperts)) for m in model.modules()
+        isinstance(m, (LoRALayer, _experts.QuantizedExperts)) for m in model.modules()
     ):
         raise ValueError("model was already processed by qlora_compile.compile")
     compiled = getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
@@ -486,7 +521,9 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
             "model is already torch.compile'd: pass the original module to qlora_compile.compile"
         )
     saved = saved_modules(model, config)
+    dense = dense_lora_targets(model, config)  # before the rewrite: after it, 4-bit layers are not nn.Linear
     report = Report(rewrite_storage(model, config))
+    report.dense_lora = add_dense_lora(model, config, dense)
     if not report.rewritten:
         reasons = (
             "; ".join(f"{r.name}: {r.skipped}" for r in report.skipped)

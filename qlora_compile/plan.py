@@ -45,7 +45,7 @@ from torch import nn
 from . import inspect as _inspect
 from .config import QLoRAConfig
 from .experts import QuantizedExperts
-from .lora import QLoRALinear
+from .lora import LoRALayer, QLoRALinear
 from .optim.adamw import RESIDENT_BELOW, state_nbytes_for
 
 PAGED_MIN_NUMEL = RESIDENT_BELOW  # the paged optimizer's rule: smaller tensors' states stay resident
@@ -208,7 +208,7 @@ def activation_bytes(
     layers = _decoder_layers(model)
     n_layers = len(layers) if layers is not None else 0
     layer = layers[0] if layers is not None else model
-    lora = [m for m in layer.modules() if isinstance(m, QLoRALinear)]
+    lora = [m for m in layer.modules() if isinstance(m, LoRALayer)]  # 4-bit or kept dense
     h = getattr(hf_config, "hidden_size", None) or max((m.in_features for m in lora), default=0)
     heads = getattr(hf_config, "num_attention_heads", 0) or 0
     head_dim = getattr(hf_config, "head_dim", None) or (h // heads if heads else 0)

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils.other import ModulesToSaveWrapper
 
 import qlora_compile
-from qlora_compile import QLoRALinear
+from qlora_compile.lora import LoRALayer
 
 R, ALPHA = 8, 16
 
@@ -40,6 +40,17 @@ def classifier_folder(path):
     return path
 
 
+def t5_folder(path):
+    """A small random T5 (its feed-forward output `wo` stays dense: `_keep_in_fp32_modules`) at `path`."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4,
+        decoder_start_token_id=0, dropout_rate=0.0,
+    )  # fmt: skip
+    transformers.T5ForConditionalGeneration(config).save_pretrained(path)
+    return path
+
+
 def ours(base_dir, seed=1, model_cls=transformers.AutoModelForCausalLM, **overrides):
     """Our compiled `model_cls` of `base_dir` (fp32, r=R, alpha=ALPHA, no dropout), lora_B random."""
     model = model_cls.from_pretrained(base_dir, dtype=torch.float32)
@@ -51,7 +62,7 @@ def ours(base_dir, seed=1, model_cls=transformers.AutoModelForCausalLM, **overri
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, QLoRALinear):  # a non-zero B, so the branch matters
+            if isinstance(m, LoRALayer):  # a non-zero B, so the branch matters (4-bit or dense base)
                 m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.02)
     return model.train()
 
@@ -108,7 +119,7 @@ def peft_reference(
     )
     layers = dict(our_model.named_modules())
     theirs = peft_lora_modules(model)
-    mine = {name for name, m in layers.items() if isinstance(m, QLoRALinear)}
+    mine = {name for name, m in layers.items() if isinstance(m, LoRALayer)}
     assert mine == set(theirs), (
         f"LoRA only here: {sorted(mine - set(theirs))}; only in PEFT: {sorted(set(theirs) - mine)}"
     )

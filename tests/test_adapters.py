@@ -20,6 +20,7 @@ from peft_oracle import (
     ours,
     peft_lora_modules,
     peft_saved_modules,
+    t5_folder,
 )
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 import qlora_compile
 from qlora_compile import QLoRALinear
 from qlora_compile.adapters import AdapterFolder
+from qlora_compile.lora import LoRALayer
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # as tests/test_exactness.py
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
@@ -67,7 +69,7 @@ def logits(model, ids=IDS):
 
 def assert_layers_like_peft(model, peft_model):
     theirs = peft_lora_modules(peft_model)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     assert layers.keys() == theirs.keys()
     for name, m in layers.items():
         t = theirs[name]
@@ -344,3 +346,41 @@ def test_exports_keep_the_trained_head(classifier_dir, tmp_path):
     ids = IDS.numpy()
     (got,) = session.run(None, {"input_ids": ids, "attention_mask": torch.ones_like(IDS).numpy()})
     torch.testing.assert_close(torch.from_numpy(got), expected, atol=2e-5, rtol=1e-4)
+
+
+# ---- LoRA on linears kept dense (T5's `wo`): PEFT's "all-linear" adapts them too ----
+T5 = transformers.T5ForConditionalGeneration
+
+
+def t5_logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+
+
+def test_dense_lora_adapters_both_ways_and_merged(tmp_path):
+    t5_dir = t5_folder(tmp_path / "t5")
+    model = ours(t5_dir, model_cls=T5)
+    assert type(model.encoder.block[0].layer[1].DenseReluDense.wo) is qlora_compile.LoRALinear
+    qlora_compile.save_adapter(model, tmp_path / "ours")
+    assert "wo" in json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["target_modules"]
+    ref = PeftModel.from_pretrained(bnb_base(t5_dir, T5), tmp_path / "ours").train()
+    assert_layers_like_peft(model, ref)
+    expected = t5_logits(model)
+    torch.testing.assert_close(t5_logits(ref), expected, **TOL)
+
+    config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear")
+    peft_model = get_peft_model(bnb_base(t5_dir, T5), config)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for m in peft_lora_modules(peft_model).values():
+            m.lora_B["default"].weight.copy_(
+                torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.05
+            )
+    peft_model.save_pretrained(tmp_path / "peft")
+    again = ours(t5_dir, model_cls=T5, seed=3)
+    qlora_compile.load_adapter(again, tmp_path / "peft")
+    torch.testing.assert_close(t5_logits(again), t5_logits(peft_model.train()), **TOL)
+
+    qlora_compile.export_merged(t5_dir, tmp_path / "ours", tmp_path / "merged")  # wo: W + s B A, dense
+    merged = T5.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(t5_logits(merged), expected, atol=2e-6, rtol=1e-5)

@@ -16,7 +16,7 @@ import torch
 import transformers
 from peft_oracle import ours, peft_lora_modules, peft_reference, peft_saved_modules
 
-from qlora_compile import QLoRALinear
+from qlora_compile import LoRALinear, QLoRALinear
 
 VOCAB, BATCH, SEQ = 128, 2, 12
 
@@ -67,15 +67,13 @@ FAMILIES = {
 # The reference loads Falcon with FalconLinear = nn.Linear, and bitsandbytes quantizes them.
 REFERENCE_LINEAR = {"falcon": (transformers.models.falcon.modeling_falcon, "FalconLinear")}
 
+# Linears kept dense (T5's `wo`, `_keep_in_fp32_modules`) are dense in both and carry LoRA in both:
+# a `LoRALinear` here, PEFT's `lora.Linear` there ("all-linear" adapts every linear but the head).
+
 # Task heads trained in full: our default modules_to_save (the task head, as PEFT's SEQ_CLS names it);
 # the reference keeps them out of 4-bit (`llm_int8_skip_modules`, the QLoRA recipe for a classifier)
 # and trains them by PEFT's `modules_to_save` (a dense copy, no LoRA inside).
 HEADS = {"roberta": ["classifier"]}
-
-# PEFT's "all-linear" also wraps linears that stay dense: T5's `wo` (`_keep_in_fp32_modules`), which
-# transformers + bitsandbytes and we keep in fp32. We put no LoRA on a dense module, so the reference
-# names the modules we adapt: q, k, v, o of every attention and the feed-forward input `wi`.
-PEFT_TARGETS = {"t5": ["q", "k", "v", "o", "wi"]}
 
 
 def batch(family: Family, config) -> dict[str, Any]:
@@ -156,17 +154,18 @@ def test_matches_peft_reference(name, cases, monkeypatch):
     model = case.model
     if name in REFERENCE_LINEAR:
         monkeypatch.setattr(*REFERENCE_LINEAR[name], torch.nn.Linear)
-    targets = PEFT_TARGETS.get(name, "all-linear")
-    # asserts equal LoRA module sets and equal modules_to_save
-    ref = peft_reference(case.path, model, case.family.model_cls, targets, HEADS.get(name))
+    # asserts equal LoRA module sets (PEFT's "all-linear") and equal modules_to_save
+    ref = peft_reference(case.path, model, case.family.model_cls, "all-linear", HEADS.get(name))
     theirs = {n: m.get_base_layer() for n, m in peft_lora_modules(ref).items()}
-    dense_there = sorted(n for n, m in theirs.items() if not isinstance(m, bnb.nn.Linear4bit))
-    assert not dense_there, f"4-bit here, dense in transformers + bitsandbytes: {dense_there}"
+    four_bit = {n for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    assert four_bit == {n for n, m in theirs.items() if isinstance(m, bnb.nn.Linear4bit)}
     for n, m in model.named_modules():
         if isinstance(m, QLoRALinear):
             w = theirs[n].weight
             assert torch.equal(m.weight_packed.view(-1), w.data.view(-1)), n
             assert torch.equal(m.weight_absmax, w.quant_state.absmax), n
+        elif isinstance(m, LoRALinear):  # kept dense on both sides (T5's `wo`), LoRA on the dense weight
+            assert type(theirs[n]) is torch.nn.Linear and torch.equal(m.weight, theirs[n].weight), n
     out, out_ref = model(**case.inputs), ref(**case.inputs)
     torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-5, atol=1e-5)
     out.loss.backward()

@@ -11,7 +11,7 @@ import transformers
 from torch import nn
 
 import qlora_compile
-from qlora_compile import QLoRAConfig, QLoRALinear
+from qlora_compile import LoRALinear, QLoRAConfig, QLoRALinear
 
 FAST = {"backend": "aot_eager", "r": 4, "compute_dtype": torch.float32}
 
@@ -354,7 +354,8 @@ def tiny_t5() -> nn.Module:
 
 def test_keep_in_fp32_modules_stay_dense_as_transformers_bitsandbytes_keeps_them():
     """T5 declares `_keep_in_fp32_modules = ["wo"]`: "all-linear" leaves every `wo` dense, with the
-    converter's rule (transformers' bitsandbytes quantizer's), and T5 then trains compiled."""
+    converter's rule (transformers' bitsandbytes quantizer's), with LoRA on its dense weight (as
+    PEFT's "all-linear"), and T5 then trains compiled."""
     from qlora_compile.checkpoint._model import modules_to_not_convert, quantized_modules
 
     model = tiny_t5()
@@ -363,11 +364,17 @@ def test_keep_in_fp32_modules_stay_dense_as_transformers_bitsandbytes_keeps_them
     ours = {name for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
     assert ours == expected and len(ours) == 14  # q, k, v, o: 3 attentions; wi: 2 feed-forwards
     wo = [m for name, m in model.named_modules() if name.endswith(".wo")]
-    assert len(wo) == 2 and all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in wo)
+    assert len(wo) == 2 and all(type(m) is LoRALinear and m.weight.dtype == torch.float32 for m in wo)
+    assert sorted(model.qlora.report().dense_lora) == sorted(
+        n for n, _ in model.named_modules() if n.endswith(".wo")
+    )
+    assert not any(m.weight.requires_grad for m in wo)
     model.train()
     ids, labels = torch.randint(0, 128, (2, 7)), torch.randint(0, 128, (2, 5))
     model(input_ids=ids, labels=labels).loss.backward()
-    assert all(m.lora_B.weight.grad is not None for m in model.modules() if isinstance(m, QLoRALinear))
+    assert all(
+        m.lora_B.weight.grad is not None for m in model.modules() if isinstance(m, (QLoRALinear, LoRALinear))
+    )
 
 
 def test_weight_reads_the_dequantized_weight_without_storing_it():

@@ -210,12 +210,9 @@ class BaseModel:
 
 
 def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
-    """Every adapter module is a quantized linear of the base, with matching shapes; every tensor of
+    """Every adapter module is a linear of the base (4-bit, or kept dense), with matching shapes; every tensor of
     a module trained in full replaces a base tensor of its shape (a dropped 4-bit weight's: (out, in))."""
-    problems = adapter.shape_problems(
-        lambda m: _out_in(base, m) if m in base.quantized else None,
-        unknown="{} is not a quantized linear of the base",
-    )
+    problems = adapter.shape_problems(lambda m: _out_in(base, m), unknown="{} is not a linear of the base")
     saved = adapter.saved_tensors()
     problems += [
         f"missing {m}.weight (modules_to_save, 4-bit in the base)"
@@ -238,13 +235,29 @@ def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
         raise ValueError(f"adapter {adapter.dir} does not fit base {base.dir}: " + "; ".join(problems[:10]))
 
 
-def dense_tensor(base: BaseModel, saved: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """A dense entry of the output: the adapter's (`saved`: `AdapterFolder.saved_tensors()`) for a
-    module trained in full, else the base's."""
-    return saved[key] if key in saved else base.tensor(key)
+def dense_tensor(base: BaseModel, adapter: AdapterFolder | None, key: str) -> torch.Tensor:
+    """A dense entry of the output: the adapter's for a module trained in full (modules_to_save);
+    the weight of a linear kept dense with LoRA on it, merged (`W + scaling * B @ A`, in fp32,
+    back to W's dtype); else the base's."""
+    saved = adapter.saved_tensors() if adapter is not None else {}
+    if key in saved:
+        return saved[key]
+    w = base.tensor(key)
+    module = key.removesuffix(".weight")
+    if adapter is None or not key.endswith(".weight") or module not in adapter.pairs:
+        return w
+    delta = adapter.delta(module)
+    return (w.float() + (delta.t() if module in base.conv1d else delta)).to(w.dtype)
 
 
-def _out_in(base: BaseModel, module: str) -> tuple[int, int]:
+def _out_in(base: BaseModel, module: str) -> tuple[int, int] | None:
+    """(out, in) of a linear's weight, 4-bit or dense; None if `module` is not a linear of the base."""
+    if module not in base.quantized and module not in base.dequantized:
+        if module not in base.all_linears or f"{module}.weight" not in base._where:
+            return None
+        with safe_open(str(base._where[f"{module}.weight"]), "pt") as st:
+            shape = tuple(st.get_slice(f"{module}.weight").get_shape())
+        return shape[::-1] if module in base.conv1d else shape
     if base.bnb:
         keys = base.quantized.get(module) or base.dequantized[module]
         state_key = next(k for k in keys if ".quant_state." in k)

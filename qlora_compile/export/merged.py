@@ -92,13 +92,12 @@ def export_merged(
     dtype = parse_dtype(dtype)
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
     items = list(base_model.items())
-    saved = lora.saved_tensors() if lora is not None else {}
     with output_folder(out) as tmp:
         writer = SafetensorsWriter(tmp / "model.safetensors")
         done = 0
         for kind, name in items:
             if kind == "dense":
-                writer.add(name, cast(dense_tensor(base_model, saved, name), dtype))
+                writer.add(name, cast(dense_tensor(base_model, lora, name), dtype))
                 continue
             w, _, _ = merged_weight(base_model, lora, name, dtype)
             writer.add(f"{name}.weight", w.t() if name in base_model.conv1d else w)

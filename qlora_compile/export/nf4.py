@@ -120,7 +120,6 @@ def export_nf4(
     dtype = parse_dtype(dtype)
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
     items = list(base_model.items())
-    saved = lora.saved_tensors() if lora is not None else {}
     reports: list[LayerReport] = []
     kinds = set()
     weight_dtype = None
@@ -129,7 +128,7 @@ def export_nf4(
         done = 0
         for kind, name in items:
             if kind == "dense":
-                writer.add(name, cast(dense_tensor(base_model, saved, name), dtype))
+                writer.add(name, cast(dense_tensor(base_model, lora, name), dtype))
                 continue
             if lora is not None and name in lora.pairs:
                 new, report, qw = requantized(base_model, lora, name, dtype)

@@ -105,10 +105,9 @@ def build_model(base: BaseModel, adapter=None, merge: bool = False) -> nn.Module
     trains in full dense with its tensors."""
     model = empty_model(base.config, device="cpu")  # uninitialized: dense linears are replaced unread
     dense, quantized = {}, set()
-    saved = adapter.saved_tensors() if adapter is not None else {}  # modules trained in full
     for kind, name in base.items():
         if kind == "dense":
-            dense[name] = dense_tensor(base, saved, name)
+            dense[name] = dense_tensor(base, adapter, name)  # modules_to_save, merged dense LoRA
             continue
         quantized.add(name)
         old = model.get_submodule(name)
