@@ -1,5 +1,6 @@
-"""Model families beyond Llama, compiled, against the reference stack: transformers + bitsandbytes
-4-bit + PEFT LoRA with the same weights (tests/peft_oracle.py; train mode, dropout 0).
+"""Model families beyond Llama, compiled with the default backend (Inductor), against the reference
+stack: transformers + bitsandbytes 4-bit + PEFT LoRA with the same weights (tests/peft_oracle.py;
+train mode, dropout 0).
 
 One harness for every family: a tiny random model saved once per module; ours and the reference
 load it; the LoRA module sets, the 4-bit bytes, the logits and the LoRA gradients must agree. A
@@ -75,6 +76,13 @@ REFERENCE_LINEAR = {"falcon": (transformers.models.falcon.modeling_falcon, "Falc
 # and trains them by PEFT's `modules_to_save` (a dense copy, no LoRA inside).
 HEADS = {"roberta": ["classifier"]}
 
+# Inductor on this torch (2.13) computes wrong gradients for Falcon's attention, with or without us:
+# multi-query keys and values cut from the fused projection by a list index (`fused[..., [-2], :]`),
+# then broadcast over the query heads by SDPA. `test_inductor_multi_query_index_gradient` below
+# holds the bug in four lines; aot_eager (and Inductor's own decompositions run eagerly) are exact.
+# Falcon is checked with aot_eager until that test starts passing.
+BACKENDS = {"falcon": "aot_eager"}
+
 
 def batch(family: Family, config) -> dict[str, Any]:
     """A fixed batch for `family`, with labels, so the model returns a loss; no KV cache, as in
@@ -140,7 +148,8 @@ def cases(tmp_path_factory):
     def get(name: str) -> Case:
         if name not in made:
             family, path, config = FAMILIES[name], paths[name], configs[name]
-            model = ours(path, model_cls=family.model_cls, lr=1e-3)
+            backend = BACKENDS.get(name, "inductor")
+            model = ours(path, model_cls=family.model_cls, lr=1e-3, backend=backend)
             made[name] = Case(family, path, config, batch(family, config), model)
         made[name].model.zero_grad(set_to_none=True)
         return made[name]
@@ -221,3 +230,18 @@ def test_trains_without_graph_break(name, cases):
     for n, m in heads.items():  # every tensor of the head trained
         assert all(not torch.equal(p, old) for p, old in zip(m.parameters(), before[n], strict=True)), n
     assert case.model.qlora.report().graphs == graphs_without_us(case)  # no graph break of ours
+
+
+@pytest.mark.xfail(strict=True, reason="Inductor (torch 2.13): wrong SDPA gradients through a list index")
+def test_inductor_multi_query_index_gradient():
+    """Falcon's multi-query split, alone: passes once Inductor is fixed; then drop BACKENDS."""
+
+    def attention(x):
+        fused = x.view(2, 12, 6, 16)  # 4 query heads, then one key and one value head
+        q, k, v = (t.transpose(1, 2) for t in (fused[..., :-2, :], fused[..., [-2], :], fused[..., [-1], :]))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum()
+
+    x = torch.randn(2, 12, 6 * 16, requires_grad=True)
+    (eager,) = torch.autograd.grad(attention(x), x)
+    (compiled,) = torch.autograd.grad(torch.compile(attention)(x), x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
