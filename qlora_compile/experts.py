@@ -232,7 +232,8 @@ def rewrite_experts(
     kind = type(module).__name__
     for pname in expert_parameters(module):
         weight = module._parameters.get(pname)
-        if weight is None:  # already a QuantizedExperts
+        if weight is None:  # already 4-bit (load_quantized): keep its bytes, add what the config asks
+            _adopt(name, pname, getattr(module, pname), compute_dtype, lora, target_parameters, record)
             continue
         rec = record(pname, kind, tuple(weight.shape), weight.numel() * weight.element_size())
         reason = _unsupported(module, weight)
@@ -245,11 +246,25 @@ def rewrite_experts(
         experts = QuantizedExperts([quantize(m) for m in mats], compute_dtype=compute_dtype)
         if lora is not None and matches(f"{name}.{pname}", target_parameters):
             experts.add_lora(*lora)
-        del w, mats, weight, module._parameters[pname]  # the 3-D parameter goes now
-        module.add_module(pname, experts)
+        del w, mats, weight
+        install(module, pname, experts)  # the 3-D parameter goes now
         rec.bytes_after = experts.nbytes
-    if any(isinstance(getattr(module, p, None), QuantizedExperts) for p in EXPERT_PARAMETERS):
-        module.__class__ = _quantized_class(type(module))
+
+
+def _adopt(name, pname, experts: QuantizedExperts, compute_dtype, lora, target_parameters, record) -> None:
+    rec = record(pname, type(experts).__name__, tuple(experts.shape), experts.nbytes)
+    rec.bytes_after = experts.nbytes
+    experts.compute_dtype = compute_dtype
+    if lora is not None and experts.lora_A is None and matches(f"{name}.{pname}", target_parameters):
+        experts.add_lora(*lora)
+
+
+def install(module: nn.Module, pname: str, experts: QuantizedExperts) -> None:
+    """Put `experts` in place of `module`'s 3-D parameter `pname` (dropped) and give the module the
+    forward that runs through its `QuantizedExperts` children."""
+    module._parameters.pop(pname, None)
+    module.add_module(pname, experts)
+    module.__class__ = _quantized_class(type(module))
 
 
 def peft_lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -368,9 +368,8 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
     from .passes import make_backend
 
     config = (config or QLoRAConfig()).with_overrides(**overrides)
-    if hasattr(model, "qlora") or any(
-        isinstance(m, (QLoRALinear, _experts.QuantizedExperts)) for m in model.modules()
-    ):
+    # QuantizedExperts alone may come from load_quantized, like QuantizedLinear: compiled as they are
+    if hasattr(model, "qlora") or any(isinstance(m, QLoRALinear) for m in model.modules()):
         raise ValueError("model was already processed by qlora_compile.compile")
     compiled = getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or model._compiled_call_impl or compiled:
