@@ -42,6 +42,19 @@ def moe_model(family: str, layers: int = 2) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_config(FAMILIES[family](layers)).float()
 
 
+def save_moe(path, family: str):
+    """A random MoE model of these configs (1 layer; gpt-oss: 2), fp32, as transformers'
+    `save_pretrained` writes it (per expert for Mixtral and Qwen3-MoE, 3-D for gpt-oss); returns
+    the model."""
+    torch.manual_seed(0)
+    if family in OTHER_FAMILIES:
+        model = transformers.AutoModelForCausalLM.from_config(OTHER_FAMILIES[family]()).float()
+    else:
+        model = moe_model(family, layers=1)
+    model.save_pretrained(path)
+    return model
+
+
 def experts_modules(model) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if hasattr(m, "has_gate")}  # transformers' experts
 

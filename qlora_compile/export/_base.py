@@ -4,6 +4,10 @@ A base folder is either a 16-bit Hugging Face folder (each target linear is quan
 as `qlora_compile.compile` quantizes it) or a bitsandbytes 4-bit folder (config.json carries
 `quantization_config`; each quantized linear is a group of `<module>.weight*` entries, rebuilt with
 `QuantizedWeight.from_bnb`). Tensors are read one at a time through `safetensors.safe_open`.
+
+MoE expert weights (`checkpoint/_experts.py`) are read one expert at a time too: from the
+per-expert (or 3-D) tensors of a 16-bit folder, quantized as `compile` does, or from our 4-bit
+layout (`<experts module>.<e>.<param>.weight*`, what `convert_checkpoint` writes).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from ..adapters import AdapterFolder
+from ..checkpoint._experts import ExpertWeight, expert_weights, quantized_experts, save_layout
 from ..checkpoint._model import model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
 from ..format import QuantizedWeight, quantize_weight
@@ -95,11 +100,16 @@ class BaseModel:
             del self.config.quantization_config
         self.files = self._weight_files()
         self._where: dict[str, Path] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for f in self.files:
             with safe_open(str(f), "pt") as st:
                 for k in st.keys():  # noqa: SIM118 (safe_open objects are not iterable)
                     self._where[k] = f
+                    shapes[k] = tuple(st.get_slice(k).get_shape())
+        self.skeleton = empty_model(self.config)
         self.quantized = self._find_quantized()  # module name -> its weight keys (bnb base)
+        self.expert_groups: dict[str, list[str]] = {}  # bnb base: one expert's 4-bit prefix -> its keys
+        self.experts = self._find_experts(shapes)  # "<module>.<param>" -> ExpertWeight
         self.linears, self.conv1d, self.head = self._linear_modules()
         if not self.bnb:
             missing = [m for m in self.linears if f"{m}.weight" not in self._where]
@@ -135,12 +145,28 @@ class BaseModel:
             )
         return groups
 
+    def _find_experts(self, shapes: dict) -> dict[str, ExpertWeight]:
+        from ..config import QLoRAConfig
+        from ..experts import is_experts
+        from ..pipeline import select_targets
+
+        if self.bnb:
+            found = quantized_experts(self.skeleton, list(self.quantized))
+            for _, by_expert in found.values():
+                self.expert_groups.update({p: self.quantized.pop(p) for p in by_expert.values()})
+            self._expert_prefixes = {name: by_expert for name, (_, by_expert) in found.items()}
+            return {name: weight for name, (weight, _) in found.items()}
+        selected = {n for n, m in select_targets(self.skeleton, QLoRAConfig()) if is_experts(m)}
+        found = expert_weights(self.skeleton, list(self._where), shapes)
+        return {name: w for name, w in found.items() if w.module in selected}
+
     def _linear_modules(self) -> tuple[list[str], set[str], set[str]]:
         """(linears compile() would quantize, which of the model's linears are Conv1D, output head names)."""
         from ..config import QLoRAConfig
+        from ..experts import is_experts
         from ..pipeline import _linear_kinds, _output_head, select_targets
 
-        model = empty_model(self.config)
+        model = self.skeleton
         head = _output_head(model)
         heads = {n for n, m in model.named_modules() if m is head and head is not None}
         kinds = _linear_kinds()
@@ -150,7 +176,7 @@ class BaseModel:
         self.all_linears = [n for n, m in model.named_modules() if isinstance(m, kinds)]
         if self.bnb:
             return list(self.quantized), conv1d, heads
-        return [n for n, _ in select_targets(model, QLoRAConfig())], conv1d, heads
+        return [n for n, m in select_targets(model, QLoRAConfig()) if not is_experts(m)], conv1d, heads
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -160,8 +186,35 @@ class BaseModel:
             return st.get_tensor(key)
 
     def raw_entries(self, module: str) -> dict[str, torch.Tensor]:
-        """A bnb base's stored entries of one quantized module, as read."""
-        return {k: self.tensor(k) for k in self.quantized[module]}
+        """A bnb base's stored entries of one quantized module (or one expert's 4-bit prefix), as read."""
+        keys = self.quantized[module] if module in self.quantized else self.expert_groups[module]
+        return {k: self.tensor(k) for k in keys}
+
+    def expert_weight(self, name: str, expert: int) -> QuantizedWeight:
+        """Expert `expert`'s 4-bit (out_features, in_features) matrix of the expert weight `name`."""
+        weight = self.experts[name]
+        if self.bnb:
+            prefix = self._expert_prefixes[name][expert]
+            return QuantizedWeight.from_bnb(self.raw_entries(prefix), prefix)
+        matrix = weight.matrix(expert, lambda k, e: self.tensor(k) if e is None else self._slice(k, e))
+        o = self.options
+        return quantize_weight(
+            matrix, quant_type=o.quant_type, blocksize=o.blocksize, double_quant=o.double_quant
+        )
+
+    def _slice(self, key: str, index: int) -> torch.Tensor:
+        with safe_open(str(self._where[key]), "pt") as st:
+            return st.get_slice(key)[index]
+
+    def save_layout(self, name: str) -> ExpertWeight:
+        """The keys a 16-bit folder holds `name` under: this base's own (16-bit), else transformers'."""
+        return self.experts[name] if not self.bnb else save_layout(self.skeleton, self.experts[name])
+
+    def expert_lora_prefixes(self) -> set[str]:
+        """Every PEFT key prefix LoRA on the base's expert weights could have (`<module>`,
+        `<module>.base_layer`, ...: one more `.base_layer` per other wrapped parameter)."""
+        params = [w.module for w in self.experts.values()]
+        return {m + ".base_layer" * d for m in set(params) for d in range(params.count(m))}
 
     def quantized_weight(self, module: str) -> QuantizedWeight:
         """The 4-bit weight of a target linear, in (out_features, in_features) layout."""
@@ -174,24 +227,31 @@ class BaseModel:
         return quantize_weight(w, quant_type=o.quant_type, blocksize=o.blocksize, double_quant=o.double_quant)
 
     def items(self) -> Iterator[tuple[str, str]]:
-        """("quantized", module) or ("dense", key), in the files' order, each quantized module once."""
-        owner = {k: m for m, keys in self.quantized.items() for k in keys}
+        """("quantized", module), ("experts", "<module>.<param>") or ("dense", key), in the files'
+        order, each quantized module and expert weight once."""
+        owner = {k: ("quantized", m) for m, keys in self.quantized.items() for k in keys}
+        for name, weight in self.experts.items():
+            if self.bnb:
+                keys = [k for p in self._expert_prefixes[name].values() for k in self.expert_groups[p]]
+            else:
+                keys = weight.source_keys()
+            owner.update(dict.fromkeys(keys, ("experts", name)))
         seen = set()
         for key in self._where:
-            module = owner.get(key)
-            if module is None:
-                yield "dense", key
-            elif module not in seen:
-                seen.add(module)
-                yield "quantized", module
+            item = owner.get(key, ("dense", key))
+            if item not in seen:
+                seen.add(item)
+                yield item
 
 
 def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
-    """Every adapter module is a quantized linear of the base, with matching shapes."""
+    """Every adapter module is a quantized linear of the base, with matching shapes; its expert
+    LoRA (`target_parameters`) is where PEFT puts it for the base's expert weights, with their shapes."""
     problems = adapter.shape_problems(
         lambda m: _out_in(base, m) if m in base.quantized else None,
         unknown="{} is not a quantized linear of the base",
     )
+    problems += adapter.expert_problems(base.skeleton, base.experts)
     if problems:
         raise ValueError(f"adapter {adapter.dir} does not fit base {base.dir}: " + "; ".join(problems[:10]))
 

@@ -131,18 +131,3 @@ def synthetic_llama(
 
     write_streaming(path / "model.safetensors", specs, fill)
     return path
-
-
-def tiny_moe(path: Path, family: str) -> Path:
-    """A random MoE model of tests/test_experts.py's configs (4 experts, top-2; 1 layer, except
-    gpt-oss's 2), fp32, as transformers' `save_pretrained` writes it (experts per expert for
-    Mixtral and Qwen3-MoE, 3-D for gpt-oss)."""
-    from test_experts import OTHER_FAMILIES, moe_model
-
-    torch.manual_seed(0)
-    if family in OTHER_FAMILIES:
-        model = transformers.AutoModelForCausalLM.from_config(OTHER_FAMILIES[family]()).float()
-    else:
-        model = moe_model(family, layers=1)
-    model.save_pretrained(path)
-    return path

@@ -8,7 +8,8 @@ transformers + bitsandbytes leaves experts dense (tests/test_experts.py), so the
 import pytest
 import torch
 import transformers
-from convert_helpers import raw, read_tensors, tiny_moe
+from convert_helpers import raw, read_tensors
+from test_experts import save_moe
 
 import qlora_compile
 from qlora_compile.checkpoint import convert as convert_module
@@ -30,7 +31,8 @@ def _buffers(model, kind) -> dict[str, torch.Tensor]:
 def converted(request, tmp_path_factory):
     """(family, 16-bit folder, NF4 folder, the largest tensor the converter read, in elements)."""
     tmp = tmp_path_factory.mktemp(request.param)
-    src = tiny_moe(tmp / "src", request.param)
+    src = tmp / "src"
+    save_moe(src, request.param)
     reads = []
     original = convert_module._read_slice
 
