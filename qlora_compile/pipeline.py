@@ -266,13 +266,16 @@ def _freeze_and_upcast_norms(model: nn.Module) -> None:
     fp32 norms turn the residual stream fp32, so dense layers left unquantized (the output head)
     go to fp32 too, as PEFT's prepare_model_for_kbit_training does: the logits are then made in
     fp32 directly, which the loss needs anyway (a 16-bit head would add a 16-bit copy of them).
+    MoE routers (`MixtralTopKRouter`, ...: a bare weight, not an `nn.Linear`) read that stream
+    too, so they go to fp32 as well (a 16-bit router fails on fp32 hidden states).
     """
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
     kinds = _linear_kinds()
     for module in model.modules():
         dense = isinstance(module, kinds) and not isinstance(module, QLoRALinear)
-        if dense or "norm" in type(module).__name__.lower():
+        kind = type(module).__name__.lower()
+        if dense or "norm" in kind or "router" in kind:
             module.float()
 
 

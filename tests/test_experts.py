@@ -349,3 +349,15 @@ def test_inspect_and_plan_count_the_experts(family, tmp_path):
     assert plan.persistent_bytes == sum(t.numel() * t.element_size() for t in tensors)
     packed = sum(m.weight_packed.numel() for m in plain.modules() if hasattr(m, "weight_packed"))
     assert plan.persistent["4-bit weights"] == packed
+
+
+def test_bf16_model_trains_with_its_router_in_fp32():
+    """compile makes the residual stream fp32 (fp32 norms); the router, a bare weight beside the
+    experts, goes to fp32 with it (in bf16 its product with fp32 hidden states raised)."""
+    model = moe_model("mixtral", layers=1).to(torch.bfloat16)
+    qlora_compile.compile(model, **{**FAST, "compute_dtype": torch.bfloat16})
+    model.train()
+    ids = torch.randint(0, 128, (2, 12))
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # embeddings stay as loaded
