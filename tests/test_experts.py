@@ -295,16 +295,26 @@ def test_adapter_round_trips_with_peft(family, tmp_path):
 
 
 def test_bitsandbytes_leaves_experts_dense(tmp_path):
-    """transformers 5 + bitsandbytes on CPU quantizes the attention linears, not the 3-D experts."""
+    """transformers 5 + bitsandbytes on CPU quantizes the attention linears, not the 3-D experts,
+    and its save_pretrained writes them dense, per expert (no quant state for them)."""
+    from safetensors import safe_open
+
     model = moe_model("mixtral")
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path / "src")
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, device_map="cpu", quantization_config=bnb
+        tmp_path / "src", device_map="cpu", quantization_config=bnb
     )
     experts = loaded.model.layers[0].mlp.experts
     assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert experts.gate_up_proj.dtype == torch.float32 and experts.gate_up_proj.dim() == 3
+    loaded.save_pretrained(tmp_path / "bnb")
+    with safe_open(str(tmp_path / "bnb" / "model.safetensors"), "pt") as f:
+        expert_keys = [k for k in f.keys() if ".experts." in k]
+        assert any(k.startswith("model.layers.0.self_attn.q_proj.weight.quant_state.") for k in f.keys())
+        assert len(expert_keys) == 2 * 4 * 3  # w1, w2, w3 of 4 experts in 2 layers, nothing else
+        assert all(k.endswith(("w1.weight", "w2.weight", "w3.weight")) for k in expert_keys)
+        assert all(f.get_slice(k).get_dtype() == "F32" for k in expert_keys)
 
 
 def test_target_parameters_validation():
