@@ -68,11 +68,14 @@ class ExpertWeight:
     def matrix(self, expert: int, read: Callable[[str, int | None], torch.Tensor]) -> torch.Tensor:
         """Expert `expert`'s (out_features, in_features) matrix; `read(key, None)` gives a stored
         tensor, `read(key, e)` its slice e along dim 0 (one expert of a 3-D tensor)."""
-        if self.fused:
-            stored = read(self.fused, expert)
-        else:
-            stored = torch.cat([read(k, None) for k in self.parts[expert]])
+        stored = self.stored(expert, read)
         return stored.t() if self.transposed else stored
+
+    def stored(self, expert: int, read: Callable[[str, int | None], torch.Tensor]) -> torch.Tensor:
+        """Expert `expert`'s slice of the 3-D parameter, in its stored layout (see `matrix`)."""
+        if self.fused:
+            return read(self.fused, expert)
+        return torch.cat([read(k, None) for k in self.parts[expert]])
 
     def split(self, matrix: torch.Tensor) -> list[torch.Tensor]:
         """An (out, in) matrix cut into the stored parts (rows of the stored layout), in `parts` order."""
@@ -112,11 +115,13 @@ def _conversions(model: nn.Module, reverse: bool = False):
     return renamings, converters
 
 
-def renamed(model: nn.Module, key: str) -> str:
-    """`key` as `from_pretrained` renames it before fusing (Mixtral's `block_sparse_moe.` -> `mlp.`)."""
+def renamer(model: nn.Module) -> Callable[[str], str]:
+    """A key -> the key as `from_pretrained` renames it before fusing (Mixtral's `block_sparse_moe.`
+    -> `mlp.`)."""
     from transformers.core_model_loading import apply_renamings
 
-    return apply_renamings(key, _conversions(model)[0])
+    renamings = _conversions(model)[0]
+    return lambda key: apply_renamings(key, renamings)
 
 
 def _check_ops(converter, target: str) -> None:

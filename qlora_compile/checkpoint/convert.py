@@ -33,7 +33,7 @@ from ..format import QuantizedWeight, quantize_weight
 from ..kernels import cpu as _torch_kernels
 from ..kernels import dispatch
 from . import _model
-from ._experts import ExpertWeight, expert_weights
+from ._experts import ExpertWeight, expert_weights, renamer
 from ._safetensors import (
     DTYPES,
     SafetensorsError,
@@ -227,6 +227,7 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
     buffers = {n for n, _ in model.named_buffers()}
     items, unmatched, dropped = [], [], []
     experts = _expert_sources(model, infos, not_convert)
+    rename = renamer(model)
     for info in infos:
         key = info.name
         if info.name in experts:  # one item per expert, where its first source tensor is
@@ -243,8 +244,8 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
             # a non-persistent buffer an older version saved: transformers drops it
             dropped.append(info.name)
             continue
-        if key not in keys:
-            unmatched.append(info.name)  # perhaps a name transformers renames on load: kept as it is
+        if key not in keys and rename(key) not in keys:
+            unmatched.append(info.name)  # kept as it is (a name transformers renames is kept too)
         if info.dtype not in DTYPES:
             raise ConversionError(f"{info.name} in {info.file.name}: unsupported dtype {info.dtype}")
         module, _, leaf = key.rpartition(".")

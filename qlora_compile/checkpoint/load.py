@@ -20,7 +20,7 @@ from ..experts import QuantizedExperts, install
 from ..format import QuantizedWeight
 from ..modules import QuantizedLinear
 from . import _model
-from ._experts import quantized_experts, renamed
+from ._experts import expert_weights, quantized_experts, renamer
 from .convert import ConversionError, _source_files
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,19 @@ def _take_weight(tensors: dict[str, torch.Tensor], prefix: str) -> QuantizedWeig
     return QuantizedWeight.from_bnb(entries, prefix)
 
 
+def _stack_dense_experts(tensors: dict[str, torch.Tensor], model: nn.Module, packed: set[str]) -> None:
+    """Per-expert dense tensors (transformers + bitsandbytes leaves experts dense and saves them per
+    expert) stacked into the model's 3-D parameters, as `from_pretrained` stacks them. `packed`:
+    4-bit weights, never dense experts (Qwen-MoE's `experts.{e}.down_proj.weight` is both a
+    transformers key and one of ours)."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if k not in packed}
+    for name, weight in expert_weights(model, list(shapes), shapes).items():
+        if weight.parts:
+            tensors[name] = torch.stack(
+                [weight.stored(e, lambda k, _: tensors.pop(k)) for e in range(weight.num_experts)]
+            )
+
+
 def load_quantized(
     path: str | os.PathLike,
     *,
@@ -103,9 +116,11 @@ def load_quantized(
         model_class = model_class._model_mapping[type(config)]
     cls = model_class or _model.model_class(config)
     model = _model.skeleton(config, cls, real_buffers=True)
-    tensors = {renamed(model, k): v for k, v in _read_all(files).items()}  # transformers' renamings
+    rename = renamer(model)
+    tensors = {rename(k): v for k, v in _read_all(files).items()}  # transformers' renamings
     tensors = _rename(tensors, model)
     prefixes = [_STATE.match(k).group(1) for k in tensors if _STATE.match(k)]
+    _stack_dense_experts(tensors, model, {f"{p}.weight" for p in prefixes})
     experts = quantized_experts(model, prefixes)
     compute_dtype = getattr(
         torch, str(quant.get("bnb_4bit_compute_dtype", "bfloat16")).removeprefix("torch.")

@@ -150,15 +150,17 @@ class BaseModel:
         from ..experts import is_experts
         from ..pipeline import select_targets
 
-        if self.bnb:
-            found = quantized_experts(self.skeleton, list(self.quantized))
-            for _, by_expert in found.values():
-                self.expert_groups.update({p: self.quantized.pop(p) for p in by_expert.values()})
-            self._expert_prefixes = {name: by_expert for name, (_, by_expert) in found.items()}
-            return {name: weight for name, (weight, _) in found.items()}
+        found = quantized_experts(self.skeleton, list(self.quantized)) if self.bnb else {}
+        for _, by_expert in found.values():
+            self.expert_groups.update({p: self.quantized.pop(p) for p in by_expert.values()})
+        self.quantized_experts = {name: by_expert for name, (_, by_expert) in found.items()}
+        experts = {name: weight for name, (weight, _) in found.items()}
+        # dense experts (a 16-bit base; transformers + bitsandbytes leaves them dense): compile quantizes them
         selected = {n for n, m in select_targets(self.skeleton, QLoRAConfig()) if is_experts(m)}
-        found = expert_weights(self.skeleton, list(self._where), shapes)
-        return {name: w for name, w in found.items() if w.module in selected}
+        grouped = {k for keys in self.expert_groups.values() for k in keys}
+        dense = expert_weights(self.skeleton, [k for k in self._where if k not in grouped], shapes)
+        experts.update({n: w for n, w in dense.items() if w.module in selected and n not in experts})
+        return experts
 
     def _linear_modules(self) -> tuple[list[str], set[str], set[str]]:
         """(linears compile() would quantize, which of the model's linears are Conv1D, output head names)."""
@@ -193,8 +195,8 @@ class BaseModel:
     def expert_weight(self, name: str, expert: int) -> QuantizedWeight:
         """Expert `expert`'s 4-bit (out_features, in_features) matrix of the expert weight `name`."""
         weight = self.experts[name]
-        if self.bnb:
-            prefix = self._expert_prefixes[name][expert]
+        if name in self.quantized_experts:
+            prefix = self.quantized_experts[name][expert]
             return QuantizedWeight.from_bnb(self.raw_entries(prefix), prefix)
         matrix = weight.matrix(expert, lambda k, e: self.tensor(k) if e is None else self._slice(k, e))
         o = self.options
@@ -207,8 +209,9 @@ class BaseModel:
             return st.get_slice(key)[index]
 
     def save_layout(self, name: str) -> ExpertWeight:
-        """The keys a 16-bit folder holds `name` under: this base's own (16-bit), else transformers'."""
-        return self.experts[name] if not self.bnb else save_layout(self.skeleton, self.experts[name])
+        """The keys a 16-bit folder holds `name` under: this base's own (dense), else transformers'."""
+        weight = self.experts[name]
+        return save_layout(self.skeleton, weight) if name in self.quantized_experts else weight
 
     def expert_lora_prefixes(self) -> set[str]:
         """Every PEFT key prefix LoRA on the base's expert weights could have (`<module>`,
@@ -231,8 +234,8 @@ class BaseModel:
         order, each quantized module and expert weight once."""
         owner = {k: ("quantized", m) for m, keys in self.quantized.items() for k in keys}
         for name, weight in self.experts.items():
-            if self.bnb:
-                keys = [k for p in self._expert_prefixes[name].values() for k in self.expert_groups[p]]
+            if name in self.quantized_experts:
+                keys = [k for p in self.quantized_experts[name].values() for k in self.expert_groups[p]]
             else:
                 keys = weight.source_keys()
             owner.update(dict.fromkeys(keys, ("experts", name)))

@@ -108,8 +108,8 @@ def expert_entries(base, adapter, name: str, dtype: torch.dtype | None, reports:
             new, report = requantize(merged, delta, qw, f"{name}[{e}]")
             reports.append(report)
             yield new.to_bnb(weight.key(e)), qw
-        elif base.bnb:
-            yield base.raw_entries(base._expert_prefixes[name][e]), qw
+        elif name in base.quantized_experts:
+            yield base.raw_entries(base.quantized_experts[name][e]), qw
         else:
             yield qw.to_bnb(weight.key(e)), qw
 

@@ -8,7 +8,7 @@ transformers + bitsandbytes leaves experts dense (tests/test_experts.py), so the
 import pytest
 import torch
 import transformers
-from convert_helpers import raw, read_tensors
+from convert_helpers import bnb_reference, raw, read_tensors
 from test_experts import save_moe
 
 import qlora_compile
@@ -122,3 +122,24 @@ def test_loaded_experts_take_lora_and_train(converted):
     assert stacks and all(m.lora_B.weight.abs().sum() > 0 for m in stacks)
     after = _buffers(model, QuantizedExperts)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_transformers_bnb_folder_loads_and_compiles_like_the_16bit_model(tmp_path):
+    """transformers + bitsandbytes saves the experts dense, per expert: load_quantized stacks them
+    as from_pretrained does, and compile quantizes them; the result is compile of the 16-bit model."""
+    save_moe(tmp_path / "src", "mixtral")
+    bnb_reference(
+        tmp_path / "src", tmp_path / "bnb", bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    loaded = qlora_compile.load_quantized(tmp_path / "bnb")
+    assert loaded.model.layers[0].mlp.experts.gate_up_proj.dim() == 3  # dense until compile
+    qlora_compile.compile(loaded, **FAST)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    qlora_compile.compile(reference, **FAST)
+    for kind in (QuantizedExperts, QLoRALinear):
+        ours, theirs = _buffers(loaded, kind), _buffers(reference, kind)
+        assert ours.keys() == theirs.keys() and all(torch.equal(raw(ours[k]), raw(theirs[k])) for k in theirs)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, atol=0, rtol=0)

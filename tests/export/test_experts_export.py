@@ -41,10 +41,18 @@ def moe(request, tmp_path_factory):
     return tmp / "src", tmp / "nf4", model.eval(), tmp / "adapter"
 
 
-@pytest.mark.parametrize("base", ["src", "nf4"])
+@pytest.mark.parametrize("base", ["src", "nf4", "bnb"])
 def test_merged_loads_in_transformers_with_our_logits(moe, base, tmp_path):
+    """From the 16-bit folder, our 4-bit one, and transformers + bitsandbytes' (experts dense)."""
     src, nf4, model, adapter = moe
-    out = qlora_compile.export_merged(src if base == "src" else nf4, adapter, tmp_path / "merged")
+    if base == "bnb":
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+        transformers.AutoModelForCausalLM.from_pretrained(
+            src, quantization_config=config, device_map="cpu"
+        ).save_pretrained(tmp_path / "bnb")
+    folder = {"src": src, "nf4": nf4, "bnb": tmp_path / "bnb"}[base]
+    out = qlora_compile.export_merged(folder, adapter, tmp_path / "merged")
     assert keys(out) == keys(src)  # transformers' own per-expert layout
     merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(0, 128, (2, 10))
