@@ -143,3 +143,16 @@ def test_transformers_bnb_folder_loads_and_compiles_like_the_16bit_model(tmp_pat
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, atol=0, rtol=0)
+
+
+def test_nonfinite_expert_is_named_and_nothing_is_left(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_moe(tmp_path / "src", "mixtral")
+    tensors = load_file(tmp_path / "src" / "model.safetensors")
+    key = "model.layers.0.block_sparse_moe.experts.2.w3.weight"
+    tensors[key][5, 7] = float("nan")
+    save_file(tensors, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(qlora_compile.ConversionError, match=rf"{key}.*1 NaN.*\(5, 7\)"):
+        qlora_compile.convert_checkpoint(tmp_path / "src", tmp_path / "dst", progress=False)
+    assert not (tmp_path / "dst").exists() and not (tmp_path / "dst.partial").exists()
