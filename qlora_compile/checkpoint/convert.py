@@ -103,7 +103,7 @@ class _Item:
     """One source tensor (or one expert's matrix) and what becomes of it."""
 
     info: TensorInfo
-    key: str  # output name (the model's); an expert: its bitsandbytes prefix in our layout
+    key: str  # output name (the model's); an expert: `<experts module>.<e>.<param>.weight`
     dtype: torch.dtype  # dense: the stored dtype; quantized: the dtype quantized from
     quantize: bool
     conv1d: bool
@@ -303,7 +303,7 @@ def _expert_items(weight, sources, main_dtype, blocksize, double_quant) -> list[
     first = next(iter(sources.values()))
     size = _quantized_size(math.prod(weight.shape), blocksize, double_quant)
     return [
-        _Item(first, weight.key(e), main_dtype, True, False, size, (weight, e, sources))
+        _Item(first, f"{weight.key(e)}.weight", main_dtype, True, False, size, (weight, e, sources))
         for e in range(weight.num_experts)
     ]
 
@@ -590,13 +590,9 @@ def convert_checkpoint(
                 continue
             entries, shard_quantized = [], 0
             for item in shard:
-                if item.expert:
-                    qw = _read_expert(item, quant_type, blocksize, double_quant)
-                    part = list(qw.to_bnb(item.key).items())
-                    shard_quantized += sum(t.numel() * t.element_size() for _, t in part)
-                    entries += part
-                elif item.quantize:
-                    qw = _read_quantized(item, quant_type, blocksize, double_quant)
+                if item.quantize:
+                    read = _read_expert if item.expert else _read_quantized
+                    qw = read(item, quant_type, blocksize, double_quant)
                     part = list(qw.to_bnb(item.key.removesuffix(".weight")).items())
                     shard_quantized += sum(t.numel() * t.element_size() for _, t in part)
                     entries += part
