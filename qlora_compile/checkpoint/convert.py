@@ -71,7 +71,7 @@ class ConversionResult:
     parameters: int
     quantized_parameters: int
     quantized_bytes: int
-    quantized_modules: int
+    quantized_modules: int  # linear weights and MoE expert matrices (one per expert)
     shards: int
     reused_shards: int
     seconds: float
