@@ -105,10 +105,16 @@ class AdapterFolder:
                 raise FileNotFoundError(f"{self.dir / name} does not exist (not a LoRA adapter folder)")
         self.config = json.loads((self.dir / CONFIG_NAME).read_text())
         self._check_config()
-        if self.config.get("target_parameters") and parameter_modules is None:
+        targets = self.config.get("target_parameters")
+        if targets and parameter_modules is None:
             raise ValueError(
-                f"{self.dir}: target_parameters={self.config['target_parameters']!r} (LoRA on MoE "
-                "experts) is read by load_adapter only; the exports do not handle expert weights"
+                f"{self.dir}: target_parameters={targets!r} (LoRA on MoE experts) needs the model's "
+                "experts modules (parameter_modules) to be read"
+            )
+        if targets and not parameter_modules:
+            raise ValueError(
+                f"{self.dir}: target_parameters={targets!r} (LoRA on MoE experts) match no expert "
+                "weight of the model (with LoRA)"
             )
         self.parameter_tensors: dict[str, torch.Tensor] = {}
         self.saved: dict[str, dict[str, torch.Tensor]] = {}
@@ -226,6 +232,61 @@ class AdapterFolder:
         """scaling * B @ A in fp32, (out_features, in_features)."""
         a, b = self.pairs[module]["A"].float(), self.pairs[module]["B"].float()
         return (b @ a) * self.scaling(module)
+
+    # ---- LoRA on expert weights (PEFT's `ParamWrapper`; the scale is the config's, as load_adapter sets it) ----
+    def expert_prefixes(self, model: nn.Module, names: Collection[str]) -> dict[str, str]:
+        """{"<module>.<param>": PEFT key prefix} of the expert weights among `names` that the config's
+        `target_parameters` name, nested as PEFT nests them over `model`'s experts modules."""
+        from .experts import expert_parameters, matches, peft_prefixes
+
+        targets, out = self.config.get("target_parameters") or [], {}
+        for module in dict.fromkeys(n.rpartition(".")[0] for n in names):
+            params = expert_parameters(model.get_submodule(module))
+            adapted = [p for p in params if matches(f"{module}.{p}", targets)]
+            out.update(
+                {
+                    f"{module}.{p}": k
+                    for p, k in peft_prefixes(module, adapted).items()
+                    if f"{module}.{p}" in names
+                }
+            )
+        return out
+
+    def expert_problems(self, model: nn.Module, experts: dict) -> list[str]:
+        """What keeps the expert LoRA from `experts` ({"<module>.<param>": ExpertWeight}): missing,
+        unexpected or misshapen `lora_A` (r * E, in) / `lora_B` (out, r * E)."""
+        prefixes = self.expert_prefixes(model, experts)
+        if self.config.get("target_parameters") and not prefixes:
+            return [
+                f"target_parameters {self.config['target_parameters']} match no expert weight of the base"
+            ]
+        problems, expected = [], set()
+        for name, prefix in prefixes.items():
+            e, (out_f, in_f) = experts[name].num_experts, experts[name].shape
+            r_e = e * self.config["r"]
+            for ab, shape in (("A", (r_e, in_f)), ("B", (out_f, r_e))):
+                key = f"{prefix}.lora_{ab}.weight"
+                expected.add(key)
+                t = self.parameter_tensors.get(key)
+                if t is None:
+                    problems.append(f"{name}: missing {key}")
+                elif tuple(t.shape) != shape:
+                    problems.append(f"{name}: {key} has shape {tuple(t.shape)}, expected {shape}")
+        problems += [f"unexpected {k}" for k in sorted(self.parameter_tensors.keys() - expected)]
+        return problems
+
+    def expert_delta(self, prefix: str, expert: int, num_experts: int) -> torch.Tensor:
+        """scaling * B_e @ A_e in fp32, (out_features, in_features), of expert `expert`."""
+        from .experts import lora_factors
+
+        a, b = lora_factors(
+            self.parameter_tensors[f"{prefix}.lora_A.weight"].float(),
+            self.parameter_tensors[f"{prefix}.lora_B.weight"].float(),
+            num_experts,
+        )
+        return (b[expert] @ a[expert]) * lora_scaling(
+            self.config["r"], self.config["lora_alpha"], self.use_rslora
+        )
 
 
 def _layers(model: nn.Module) -> dict[str, LoRALayer]:

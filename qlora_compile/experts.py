@@ -110,10 +110,7 @@ class QuantizedExperts(nn.Module):
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (E, r, in), B (E, out, r)) views of the PEFT-layout adapters."""
-        e, r = self.num_experts, self.r
-        a = self.lora_A.weight.view(e, r, self.in_features)
-        b = self.lora_B.weight.view(self.out_features, r, e).permute(2, 0, 1)
-        return a, b
+        return lora_factors(self.lora_A.weight, self.lora_B.weight, self.num_experts)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """(S, out_features) for rows `x` (S, in_features) grouped by expert, `counts[e]` rows each."""
@@ -232,7 +229,8 @@ def rewrite_experts(
     kind = type(module).__name__
     for pname in expert_parameters(module):
         weight = module._parameters.get(pname)
-        if weight is None:  # already a QuantizedExperts
+        if weight is None:  # already 4-bit (load_quantized): keep its bytes, add what the config asks
+            _adopt(name, pname, getattr(module, pname), compute_dtype, lora, target_parameters, record)
             continue
         rec = record(pname, kind, tuple(weight.shape), weight.numel() * weight.element_size())
         reason = _unsupported(module, weight)
@@ -245,11 +243,25 @@ def rewrite_experts(
         experts = QuantizedExperts([quantize(m) for m in mats], compute_dtype=compute_dtype)
         if lora is not None and matches(f"{name}.{pname}", target_parameters):
             experts.add_lora(*lora)
-        del w, mats, weight, module._parameters[pname]  # the 3-D parameter goes now
-        module.add_module(pname, experts)
+        del w, mats, weight
+        install(module, pname, experts)  # the 3-D parameter goes now
         rec.bytes_after = experts.nbytes
-    if any(isinstance(getattr(module, p, None), QuantizedExperts) for p in EXPERT_PARAMETERS):
-        module.__class__ = _quantized_class(type(module))
+
+
+def _adopt(name, pname, experts: QuantizedExperts, compute_dtype, lora, target_parameters, record) -> None:
+    rec = record(pname, type(experts).__name__, tuple(experts.shape), experts.nbytes)
+    rec.bytes_after = experts.nbytes
+    experts.compute_dtype = compute_dtype
+    if lora is not None and experts.lora_A is None and matches(f"{name}.{pname}", target_parameters):
+        experts.add_lora(*lora)
+
+
+def install(module: nn.Module, pname: str, experts: QuantizedExperts) -> None:
+    """Put `experts` in place of `module`'s 3-D parameter `pname` (dropped) and give the module the
+    forward that runs through its `QuantizedExperts` children."""
+    module._parameters.pop(pname, None)
+    module.add_module(pname, experts)
+    module.__class__ = _quantized_class(type(module))
 
 
 def peft_lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -261,12 +273,28 @@ def peft_lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """
     out = {}
     for name, module in model.named_modules():
-        for depth, pname in enumerate(reversed(_adapted(module))):
+        for pname, key in peft_prefixes(name, _adapted(module)).items():
             child = getattr(module, pname)
-            key = f"{name}." + "base_layer." * depth
-            out[f"{key}lora_A.weight"] = child.lora_A.weight
-            out[f"{key}lora_B.weight"] = child.lora_B.weight
+            out[f"{key}.lora_A.weight"] = child.lora_A.weight
+            out[f"{key}.lora_B.weight"] = child.lora_B.weight
     return out
+
+
+def peft_prefixes(module: str, adapted: list[str]) -> dict[str, str]:
+    """{parameter: PEFT's key prefix of its LoRA} for the `adapted` expert weights of `module`, given
+    in registration order: `<module>` + `.base_layer` * (parameters wrapped after this one)."""
+    return {p: module + ".base_layer" * (len(adapted) - 1 - i) for i, p in enumerate(adapted)}
+
+
+def lora_factors(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (E, r, in), B (E, out, r)) views of PEFT's `ParamWrapper` tensors `lora_A` (r * E, in)
+    and `lora_B` (out, r * E)."""
+    r = lora_a.shape[0] // num_experts
+    return lora_a.view(num_experts, r, lora_a.shape[1]), lora_b.view(lora_b.shape[0], r, num_experts).permute(
+        2, 0, 1
+    )
 
 
 def adapted_experts(model: nn.Module) -> dict[str, QuantizedExperts]:

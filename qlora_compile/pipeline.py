@@ -397,6 +397,8 @@ def _freeze_and_upcast_norms(model: nn.Module, saved: list[str] = ()) -> None:
     go to fp32 too, as PEFT's prepare_model_for_kbit_training does: the logits are then made in
     fp32 directly, which the loss needs anyway (a 16-bit head would add a 16-bit copy of them).
     Saved modules go to fp32 whole: their parameters are trained, as the adapters are, in fp32.
+    MoE routers (`MixtralTopKRouter`, ...: a bare weight, not an `nn.Linear`) read that stream
+    too, so they go to fp32 as well (a 16-bit router fails on fp32 hidden states).
     """
     for name, param in model.named_parameters():
         lora = ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
@@ -404,7 +406,8 @@ def _freeze_and_upcast_norms(model: nn.Module, saved: list[str] = ()) -> None:
     kinds = _linear_kinds()
     for name, module in model.named_modules():
         dense = isinstance(module, kinds) and not isinstance(module, QLoRALinear)  # LoRALinear: all fp32
-        if dense or "norm" in type(module).__name__.lower() or name in saved:
+        kind = type(module).__name__.lower()
+        if dense or "norm" in kind or "router" in kind or name in saved:
             module.float()
 
 
@@ -511,9 +514,8 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
     from .passes import make_backend
 
     config = (config or QLoRAConfig()).with_overrides(**overrides)
-    if hasattr(model, "qlora") or any(
-        isinstance(m, (LoRALayer, _experts.QuantizedExperts)) for m in model.modules()
-    ):
+    # QuantizedExperts alone may come from load_quantized, like QuantizedLinear: compiled as they are
+    if hasattr(model, "qlora") or any(isinstance(m, LoRALayer) for m in model.modules()):
         raise ValueError("model was already processed by qlora_compile.compile")
     compiled = getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or model._compiled_call_impl or compiled:

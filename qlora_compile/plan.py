@@ -22,9 +22,22 @@ leftovers), then its tensors are counted. The rest is a model:
                                                                      log-sum-exp (fused attention)
         + [eager attention] * 2 * e * heads * seq_len                 scores and probabilities
         + e * i * (3 if gated else 1)                                 MLP activation inputs/outputs
+                                                                     (a dense MLP; none in an MoE
+                                                                     layer without a gated one)
+        + K * (sum(e * out) + [gated] e * I + 28)                      MoE: each of the K routed
+                                                                     copies of the token keeps every
+                                                                     expert product's output, the
+                                                                     gate's activation, its router
+                                                                     weight and 3 int64 indices
+        + K * [expert LoRA] e * (in + r) per adapted expert weight    LoRA inputs (the gathered
+                                                                     rows; gate * up) and x A^T
+        + 4 * E + 12 * K + 4                                          the router's softmax, top-k
+                                                                     indices and normalized weights
 
   where k runs over the in_features of the layer's n_lora 4-bit layers, h is the hidden size,
-  h_q = heads * head_dim, h_kv = kv_heads * head_dim, i the MLP width. Without checkpointing every
+  h_q = heads * head_dim, h_kv = kv_heads * head_dim, i the MLP width; K is the experts per
+  token (`num_experts_per_tok`), E the experts, I the expert width (down_proj's in_features), and
+  out / in run over the layer's 4-bit expert weights (measured: `tests/tools/test_plan.py`). Without checkpointing every
   layer keeps A: L * t * A. With (non-reentrant) checkpointing each layer keeps only its input and
   one layer is recomputed at a time: L * t * e * h + t * A. Plus the head, t * (e * h + 8 * V):
   the final norm's input, the fp32 logits and the log-softmax the loss keeps (V = vocab size,
@@ -200,7 +213,7 @@ def activation_bytes(
     lora_dropout: float,
     mask_bytes: int = 1,
 ) -> dict:
-    """The activation model of the module docstring: {"per_layer", "head", "with_checkpointing",
+    """The activation model of the module docstring: {"per_layer", "moe_per_layer", "head", "with_checkpointing",
     "without_checkpointing"} in bytes, for a compiled-shaped (meta) model. `mask_bytes`: bytes per
     dropout mask element (1: CUDA's bool mask; the CPU's dropout keeps a 4-byte float noise tensor)."""
     e = 4
@@ -219,23 +232,47 @@ def activation_bytes(
     norms = sum("norm" in type(m).__name__.lower() for m in layer.modules())
     eager = getattr(hf_config, "_attn_implementation", None) == "eager"
     k = sum(m.in_features for m in lora)
+    routed = _routed_bytes(layer, hf_config, e, r)
+    if routed and not gated:
+        inter = 0  # no dense MLP: the widest linears are attention's
     per_token = (
         e * k + (mask_bytes * k if lora_dropout > 0 else 0) + e * r * len(lora)
         + e * h * norms
         + e * (2 * heads * head_dim + 2 * kv_heads * head_dim) + 4 * heads
         + (2 * e * heads * seq_len if eager else 0)
         + e * inter * (3 if gated else 1)
+        + routed
     )  # fmt: skip
     per_layer = t * per_token
     vocab = getattr(hf_config, "vocab_size", 0) if _is_lm(model) else 0
     head = t * (e * h + 8 * vocab)  # final norm input; fp32 logits (the output) and log-softmax
     return {
         "per_layer": per_layer,
+        "moe_per_layer": t * routed,
         "layers": n_layers,
         "head": head,
         "with_checkpointing": n_layers * t * e * h + per_layer + head,
         "without_checkpointing": n_layers * per_layer + head,
     }
+
+
+def _routed_bytes(layer: nn.Module, hf_config, e: int, r: int) -> int:
+    """Per token: what the MoE experts forward and its router keep for backward (module docstring)."""
+    from .experts import expert_parameters
+
+    total = 0
+    top_k = getattr(hf_config, "num_experts_per_tok", None) or 1
+    for module in layer.modules():
+        stacks = [getattr(module, p) for p in expert_parameters(module)]
+        stacks = [s for s in stacks if isinstance(s, QuantizedExperts)]
+        if not stacks:
+            continue
+        down = getattr(module, "down_proj", None)
+        per_row = sum(e * s.out_features for s in stacks) + 4 + 3 * 8
+        per_row += e * down.in_features if module.has_gate and isinstance(down, QuantizedExperts) else 0
+        per_row += sum(e * (s.in_features + r) for s in stacks if s.lora_A is not None)
+        total += top_k * per_row + 4 * module.num_experts + 12 * top_k + 4
+    return total
 
 
 def _embedding_note(model: nn.Module) -> str:

@@ -42,6 +42,19 @@ def moe_model(family: str, layers: int = 2) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_config(FAMILIES[family](layers)).float()
 
 
+def save_moe(path, family: str):
+    """A random MoE model of these configs (1 layer; gpt-oss: 2), fp32, as transformers'
+    `save_pretrained` writes it (per expert for Mixtral and Qwen3-MoE, 3-D for gpt-oss); returns
+    the model."""
+    torch.manual_seed(0)
+    if family in OTHER_FAMILIES:
+        model = transformers.AutoModelForCausalLM.from_config(OTHER_FAMILIES[family]()).float()
+    else:
+        model = moe_model(family, layers=1)
+    model.save_pretrained(path)
+    return model
+
+
 def experts_modules(model) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if hasattr(m, "has_gate")}  # transformers' experts
 
@@ -282,16 +295,26 @@ def test_adapter_round_trips_with_peft(family, tmp_path):
 
 
 def test_bitsandbytes_leaves_experts_dense(tmp_path):
-    """transformers 5 + bitsandbytes on CPU quantizes the attention linears, not the 3-D experts."""
+    """transformers 5 + bitsandbytes on CPU quantizes the attention linears, not the 3-D experts,
+    and its save_pretrained writes them dense, per expert (no quant state for them)."""
+    from safetensors import safe_open
+
     model = moe_model("mixtral")
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path / "src")
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, device_map="cpu", quantization_config=bnb
+        tmp_path / "src", device_map="cpu", quantization_config=bnb
     )
     experts = loaded.model.layers[0].mlp.experts
     assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert experts.gate_up_proj.dtype == torch.float32 and experts.gate_up_proj.dim() == 3
+    loaded.save_pretrained(tmp_path / "bnb")
+    with safe_open(str(tmp_path / "bnb" / "model.safetensors"), "pt") as f:
+        expert_keys = [k for k in f.keys() if ".experts." in k]
+        assert any(k.startswith("model.layers.0.self_attn.q_proj.weight.quant_state.") for k in f.keys())
+        assert len(expert_keys) == 2 * 4 * 3  # w1, w2, w3 of 4 experts in 2 layers, nothing else
+        assert all(k.endswith(("w1.weight", "w2.weight", "w3.weight")) for k in expert_keys)
+        assert all(f.get_slice(k).get_dtype() == "F32" for k in expert_keys)
 
 
 def test_target_parameters_validation():
@@ -336,3 +359,15 @@ def test_inspect_and_plan_count_the_experts(family, tmp_path):
     assert plan.persistent_bytes == sum(t.numel() * t.element_size() for t in tensors)
     packed = sum(m.weight_packed.numel() for m in plain.modules() if hasattr(m, "weight_packed"))
     assert plan.persistent["4-bit weights"] == packed
+
+
+def test_bf16_model_trains_with_its_router_in_fp32():
+    """compile makes the residual stream fp32 (fp32 norms); the router, a bare weight beside the
+    experts, goes to fp32 with it (in bf16 its product with fp32 hidden states raised)."""
+    model = moe_model("mixtral", layers=1).to(torch.bfloat16)
+    qlora_compile.compile(model, **{**FAST, "compute_dtype": torch.bfloat16})
+    model.train()
+    ids = torch.randint(0, 128, (2, 12))
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # embeddings stay as loaded

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from ..codes import BLOCKSIZES, QUANT_TYPES
-from ..format import QuantizedWeight
+from ..format import QuantizedWeight, quantize_weight
 from ..kernels import cpu as _torch_kernels
 from ..kernels import dispatch
 from . import _model
+from ._experts import ExpertWeight, expert_weights, renamer
 from ._safetensors import (
     DTYPES,
     SafetensorsError,
@@ -70,7 +71,7 @@ class ConversionResult:
     parameters: int
     quantized_parameters: int
     quantized_bytes: int
-    quantized_modules: int
+    quantized_modules: int  # linear weights and MoE expert matrices (one per expert)
     shards: int
     reused_shards: int
     seconds: float
@@ -99,14 +100,24 @@ class ConversionResult:
 
 @dataclass
 class _Item:
-    """One source tensor and what becomes of it."""
+    """One source tensor (or one expert's matrix) and what becomes of it."""
 
     info: TensorInfo
-    key: str  # output name (the model's)
+    key: str  # output name (the model's); an expert: `<experts module>.<e>.<param>.weight`
     dtype: torch.dtype  # dense: the stored dtype; quantized: the dtype quantized from
     quantize: bool
     conv1d: bool
     out_bytes: int
+    expert: tuple[ExpertWeight, int, dict[str, TensorInfo]] | None = None  # (weight, e, its sources)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.expert[0].shape) if self.expert else self.info.numel
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read from the source."""
+        return self.numel * DTYPES[self.info.dtype].itemsize if self.expert else self.info.nbytes
 
 
 def parse_size(size: int | str) -> int:
@@ -215,8 +226,13 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
     has_prefix = bool(prefix) and any(k.startswith(prefix + ".") for k in keys)
     buffers = {n for n, _ in model.named_buffers()}
     items, unmatched, dropped = [], [], []
+    experts = _expert_sources(model, infos, not_convert)
+    rename = renamer(model)
     for info in infos:
         key = info.name
+        if info.name in experts:  # one item per expert, where its first source tensor is
+            items += _expert_items(*experts.pop(info.name), main_dtype, blocksize, double_quant)
+            continue
         if key not in keys and prefix:
             if has_prefix and f"{prefix}.{key}" in keys:
                 key = f"{prefix}.{key}"
@@ -228,8 +244,8 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
             # a non-persistent buffer an older version saved: transformers drops it
             dropped.append(info.name)
             continue
-        if key not in keys:
-            unmatched.append(info.name)  # perhaps a name transformers renames on load: kept as it is
+        if key not in keys and rename(key) not in keys:
+            unmatched.append(info.name)  # kept as it is (a name transformers renames is kept too)
         if info.dtype not in DTYPES:
             raise ConversionError(f"{info.name} in {info.file.name}: unsupported dtype {info.dtype}")
         module, _, leaf = key.rpartition(".")
@@ -259,6 +275,37 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
         n for n, m in model.named_modules() if isinstance(m, _model.linear_kinds()) and n not in chosen
     )
     return items, main_dtype, sorted(chosen), skipped
+
+
+def _expert_sources(model, infos: list[TensorInfo], not_convert: list[str]) -> dict[str, tuple]:
+    """{first source tensor's name: (ExpertWeight, its sources by name)} of the expert weights to
+    quantize (their experts modules selected as `compile` selects them); their other sources map to
+    `(None, None)` so that the plan skips them."""
+    by_name = {i.name: i for i in infos}
+    weights = expert_weights(model, list(by_name), {i.name: i.shape for i in infos})
+    out: dict[str, tuple] = {}
+    for weight in weights.values():
+        if not _model.should_convert(weight.module, not_convert):
+            continue
+        keys = weight.source_keys()
+        bad = [k for k in keys if by_name[k].dtype not in _FLOAT_SOURCES]
+        if bad:
+            raise ConversionError(f"{bad[0]}: unsupported dtype {by_name[bad[0]].dtype} for an expert weight")
+        first = min(keys, key=[i.name for i in infos].index)
+        out.update(dict.fromkeys(keys, (None, None)))
+        out[first] = (weight, {k: by_name[k] for k in keys})
+    return out
+
+
+def _expert_items(weight, sources, main_dtype, blocksize, double_quant) -> list[_Item]:
+    if weight is None:
+        return []  # a later source of an expert weight already planned
+    first = next(iter(sources.values()))
+    size = _quantized_size(math.prod(weight.shape), blocksize, double_quant)
+    return [
+        _Item(first, f"{weight.key(e)}.weight", main_dtype, True, False, size, (weight, e, sources))
+        for e in range(weight.num_experts)
+    ]
 
 
 def _shards(items: list[_Item], max_bytes: int) -> list[list[_Item]]:
@@ -361,6 +408,22 @@ def _read_quantized(item: _Item, quant_type: str, blocksize: int, double_quant: 
         codes, nested, offset = _torch_kernels.quantize_nested(absmax)
         qw = dataclasses.replace(qw, absmax=codes, nested_absmax=nested, offset=offset)
     return qw
+
+
+def _read_expert(item: _Item, quant_type: str, blocksize: int, double_quant: bool) -> QuantizedWeight:
+    """One expert's matrix, read from its source tensors alone and quantized as `compile` quantizes it."""
+    weight, expert, sources = item.expert
+
+    def read(key: str, index: int | None) -> torch.Tensor:
+        t = _read_slice(sources[key]) if index is None else _read_slice(sources[key], index, index + 1)[0]
+        if not _all_finite(t):
+            raise _nonfinite_error(
+                dataclasses.replace(item, info=sources[key]), t.reshape(t.shape[0], -1), 0, False
+            )
+        return t
+
+    matrix = weight.matrix(expert, read).to(item.dtype)
+    return quantize_weight(matrix, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
 
 
 def _fingerprint(files: list[Path], options: dict) -> str:
@@ -506,7 +569,7 @@ def convert_checkpoint(
     partial = dst.with_name(dst.name + ".partial")
     manifest = _load_manifest(partial, _fingerprint(files, options))
     exit_after = int(os.environ.get(EXIT_AFTER_SHARD_ENV, "0") or 0)
-    bytes_in = sum(i.info.nbytes for i in items)
+    bytes_in = sum(i.nbytes for i in items)
     weight_map, written, reused, quantized_bytes = {}, 0, 0, 0
     bar = tqdm(
         total=bytes_in,
@@ -523,18 +586,19 @@ def convert_checkpoint(
             path = partial / name
             if record and path.is_file() and sha256_file(path) == record["sha256"]:
                 reused += 1
-                bar.update(sum(i.info.nbytes for i in shard))
+                bar.update(sum(i.nbytes for i in shard))
                 continue
             entries, shard_quantized = [], 0
             for item in shard:
                 if item.quantize:
-                    qw = _read_quantized(item, quant_type, blocksize, double_quant)
+                    read = _read_expert if item.expert else _read_quantized
+                    qw = read(item, quant_type, blocksize, double_quant)
                     part = list(qw.to_bnb(item.key.removesuffix(".weight")).items())
                     shard_quantized += sum(t.numel() * t.element_size() for _, t in part)
                     entries += part
                 else:
                     entries.append((item.key, _read_dense(item, allow_nonfinite)))
-                bar.update(item.info.nbytes)
+                bar.update(item.nbytes)
             tmp = partial / (name + ".tmp")
             digest = write_file(tmp, entries)
             os.replace(tmp, path)
@@ -558,7 +622,7 @@ def convert_checkpoint(
     bytes_out = sum((partial / n).stat().st_size for n in names)
     if len(names) > 1:
         index = {
-            "metadata": {"total_size": bytes_out, "total_parameters": sum(i.info.numel for i in items)},
+            "metadata": {"total_size": bytes_out, "total_parameters": sum(i.numel for i in items)},
             "weight_map": dict(sorted(weight_map.items())),
         }
         (partial / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -581,8 +645,8 @@ def convert_checkpoint(
         dst=dst,
         bytes_in=bytes_in,
         bytes_out=bytes_out,
-        parameters=sum(i.info.numel for i in items),
-        quantized_parameters=sum(i.info.numel for i in items if i.quantize),
+        parameters=sum(i.numel for i in items),
+        quantized_parameters=sum(i.numel for i in items if i.quantize),
         quantized_bytes=quantized_bytes,
         quantized_modules=len([i for i in items if i.quantize]),
         shards=len(names),

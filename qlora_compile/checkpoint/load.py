@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..experts import QuantizedExperts, install
 from ..format import QuantizedWeight
 from ..modules import QuantizedLinear
 from . import _model
+from ._experts import expert_weights, quantized_experts, renamer
 from .convert import ConversionError, _source_files
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,25 @@ def _rename(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, tor
     return {k.removeprefix(prefix + "."): v for k, v in tensors.items()}
 
 
+def _take_weight(tensors: dict[str, torch.Tensor], prefix: str) -> QuantizedWeight:
+    """The 4-bit weight stored under `prefix`, its entries taken out of `tensors`."""
+    entries = {k: tensors.pop(k) for k in list(tensors) if k.startswith(prefix + ".weight")}
+    return QuantizedWeight.from_bnb(entries, prefix)
+
+
+def _stack_dense_experts(tensors: dict[str, torch.Tensor], model: nn.Module, packed: set[str]) -> None:
+    """Per-expert dense tensors (transformers + bitsandbytes leaves experts dense and saves them per
+    expert) stacked into the model's 3-D parameters, as `from_pretrained` stacks them. `packed`:
+    4-bit weights, never dense experts (Qwen-MoE's `experts.{e}.down_proj.weight` is both a
+    transformers key and one of ours)."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if k not in packed}
+    for name, weight in expert_weights(model, list(shapes), shapes).items():
+        if weight.parts:
+            tensors[name] = torch.stack(
+                [weight.stored(e, lambda k, _: tensors.pop(k)) for e in range(weight.num_experts)]
+            )
+
+
 def load_quantized(
     path: str | os.PathLike,
     *,
@@ -74,7 +95,9 @@ def load_quantized(
 
     Returns:
         The model in eval mode; each quantized linear is a `QuantizedLinear` whose buffers hold the
-        file's bytes. `qlora_compile.compile(model)` turns them into QLoRA layers without
+        file's bytes, and each 3-D expert weight stored per expert in 4 bits (`convert_checkpoint`'s
+        layout, `checkpoint/_experts.py`) a `QuantizedExperts` holding them (compute dtype: the
+        folder's `bnb_4bit_compute_dtype`). `qlora_compile.compile(model)` turns them into QLoRA layers without
         requantizing.
     """
     import transformers
@@ -93,11 +116,29 @@ def load_quantized(
         model_class = model_class._model_mapping[type(config)]
     cls = model_class or _model.model_class(config)
     model = _model.skeleton(config, cls, real_buffers=True)
-    tensors = _rename(_read_all(files), model)
-    for key in [k for k in tensors if _STATE.match(k)]:
-        prefix = _STATE.match(key).group(1)
-        entries = {k: tensors.pop(k) for k in list(tensors) if k.startswith(prefix + ".weight")}
-        qw = QuantizedWeight.from_bnb(entries, prefix)
+    rename = renamer(model)
+    tensors = {rename(k): v for k, v in _read_all(files).items()}  # transformers' renamings
+    tensors = _rename(tensors, model)
+    prefixes = [_STATE.match(k).group(1) for k in tensors if _STATE.match(k)]
+    _stack_dense_experts(tensors, model, {f"{p}.weight" for p in prefixes})
+    experts = quantized_experts(model, prefixes)
+    compute_dtype = getattr(
+        torch, str(quant.get("bnb_4bit_compute_dtype", "bfloat16")).removeprefix("torch.")
+    )
+    for name, (weight, by_expert) in experts.items():
+        stack = [_take_weight(tensors, by_expert[e]) for e in range(weight.num_experts)]
+        wrong = [s.shape for s in stack if tuple(s.shape) != weight.shape]
+        if wrong:
+            raise ConversionError(
+                f"{path}: {name}: 4-bit experts of shape {wrong[0]}, the model's are {weight.shape}"
+            )
+        install(
+            model.get_submodule(weight.module),
+            weight.param,
+            QuantizedExperts(stack, compute_dtype=compute_dtype),
+        )
+    for prefix in [p for p in prefixes if f"{p}.weight" in tensors]:
+        qw = _take_weight(tensors, prefix)
         try:
             module = model.get_submodule(prefix)
         except AttributeError:

@@ -8,6 +8,10 @@ as `qlora_compile.compile` quantizes it) or a bitsandbytes 4-bit folder (config.
 Modules an adapter trains in full (`modules_to_save`) stay dense in every export, with the
 adapter's tensors in place of the base's: a 16-bit base does not quantize them; a bitsandbytes
 base's 4-bit entries for them are dropped, the adapter giving their dense weight.
+
+MoE expert weights (`checkpoint/_experts.py`) are read one expert at a time too: from the
+per-expert (or 3-D) tensors of a 16-bit folder, quantized as `compile` does, or from our 4-bit
+layout (`<experts module>.<e>.<param>.weight*`, what `convert_checkpoint` writes).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from ..adapters import AdapterFolder
+from ..checkpoint._experts import ExpertWeight, expert_weights, quantized_experts, save_layout
 from ..checkpoint._model import model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
 from ..format import QuantizedWeight, quantize_weight
@@ -108,11 +113,16 @@ class BaseModel:
             del self.config.quantization_config
         self.files = self._weight_files()
         self._where: dict[str, Path] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for f in self.files:
             with safe_open(str(f), "pt") as st:
                 for k in st.keys():  # noqa: SIM118 (safe_open objects are not iterable)
                     self._where[k] = f
+                    shapes[k] = tuple(st.get_slice(k).get_shape())
+        self.skeleton = empty_model(self.config)
         self.quantized = self._find_quantized()  # module name -> its weight keys (bnb base)
+        self.expert_groups: dict[str, list[str]] = {}  # bnb base: one expert's 4-bit prefix -> its keys
+        self.experts = self._find_experts(shapes)  # "<module>.<param>" -> ExpertWeight
         self.linears, self.conv1d, self.head = self._linear_modules()
         # 4-bit entries of modules trained in full: dropped, `<module>.weight` then comes dense from the adapter
         self.dequantized = {m: keys for m, keys in self.quantized.items() if inside(m, self.saved)}
@@ -151,12 +161,30 @@ class BaseModel:
             )
         return groups
 
+    def _find_experts(self, shapes: dict) -> dict[str, ExpertWeight]:
+        from ..config import QLoRAConfig
+        from ..experts import is_experts
+        from ..pipeline import select_targets
+
+        found = quantized_experts(self.skeleton, list(self.quantized)) if self.bnb else {}
+        for _, by_expert in found.values():
+            self.expert_groups.update({p: self.quantized.pop(p) for p in by_expert.values()})
+        self.quantized_experts = {name: by_expert for name, (_, by_expert) in found.items()}
+        experts = {name: weight for name, (weight, _) in found.items()}
+        # dense experts (a 16-bit base; transformers + bitsandbytes leaves them dense): compile quantizes them
+        selected = {n for n, m in select_targets(self.skeleton, QLoRAConfig()) if is_experts(m)}
+        grouped = {k for keys in self.expert_groups.values() for k in keys}
+        dense = expert_weights(self.skeleton, [k for k in self._where if k not in grouped], shapes)
+        experts.update({n: w for n, w in dense.items() if w.module in selected and n not in experts})
+        return experts
+
     def _linear_modules(self) -> tuple[list[str], set[str], set[str]]:
         """(linears compile() would quantize, which of the model's linears are Conv1D, output head names)."""
         from ..config import QLoRAConfig
+        from ..experts import is_experts
         from ..pipeline import _linear_kinds, _output_head, saved_modules, select_targets
 
-        model = empty_model(self.config)
+        model = self.skeleton
         config = QLoRAConfig(modules_to_save=self.modules_to_save)
         # a bitsandbytes base without an adapter stays as its file has it (no dense weights for a 4-bit head)
         self.saved = [] if self.bnb and self.modules_to_save is None else saved_modules(model, config)
@@ -169,7 +197,7 @@ class BaseModel:
         self.all_linears = [n for n, m in model.named_modules() if isinstance(m, kinds)]
         if self.bnb:
             return list(self.quantized), conv1d, heads
-        return [n for n, _ in select_targets(model, config)], conv1d, heads
+        return [n for n, m in select_targets(model, config) if not is_experts(m)], conv1d, heads
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -179,8 +207,36 @@ class BaseModel:
             return st.get_tensor(key)
 
     def raw_entries(self, module: str) -> dict[str, torch.Tensor]:
-        """A bnb base's stored entries of one quantized module, as read."""
-        return {k: self.tensor(k) for k in self.quantized[module]}
+        """A bnb base's stored entries of one quantized module (or one expert's 4-bit prefix), as read."""
+        keys = self.quantized[module] if module in self.quantized else self.expert_groups[module]
+        return {k: self.tensor(k) for k in keys}
+
+    def expert_weight(self, name: str, expert: int) -> QuantizedWeight:
+        """Expert `expert`'s 4-bit (out_features, in_features) matrix of the expert weight `name`."""
+        weight = self.experts[name]
+        if name in self.quantized_experts:
+            prefix = self.quantized_experts[name][expert]
+            return QuantizedWeight.from_bnb(self.raw_entries(prefix), prefix)
+        matrix = weight.matrix(expert, lambda k, e: self.tensor(k) if e is None else self._slice(k, e))
+        o = self.options
+        return quantize_weight(
+            matrix, quant_type=o.quant_type, blocksize=o.blocksize, double_quant=o.double_quant
+        )
+
+    def _slice(self, key: str, index: int) -> torch.Tensor:
+        with safe_open(str(self._where[key]), "pt") as st:
+            return st.get_slice(key)[index]
+
+    def save_layout(self, name: str) -> ExpertWeight:
+        """The keys a 16-bit folder holds `name` under: this base's own (dense), else transformers'."""
+        weight = self.experts[name]
+        return save_layout(self.skeleton, weight) if name in self.quantized_experts else weight
+
+    def expert_lora_prefixes(self) -> set[str]:
+        """Every PEFT key prefix LoRA on the base's expert weights could have (`<module>`,
+        `<module>.base_layer`, ...: one more `.base_layer` per other wrapped parameter)."""
+        params = [w.module for w in self.experts.values()]
+        return {m + ".base_layer" * d for m in set(params) for d in range(params.count(m))}
 
     def quantized_weight(self, module: str) -> QuantizedWeight:
         """The 4-bit weight of a target linear, in (out_features, in_features) layout."""
@@ -193,26 +249,34 @@ class BaseModel:
         return quantize_weight(w, quant_type=o.quant_type, blocksize=o.blocksize, double_quant=o.double_quant)
 
     def items(self) -> Iterator[tuple[str, str]]:
-        """("quantized", module) or ("dense", key), in the files' order, each quantized module once;
-        a dropped 4-bit module of `modules_to_save` as ("dense", "<module>.weight")."""
-        owner = {k: m for m, keys in self.quantized.items() for k in keys}
+        """("quantized", module), ("experts", "<module>.<param>") or ("dense", key), in the files'
+        order, each quantized module and expert weight once; a dropped 4-bit module of
+        `modules_to_save` as ("dense", "<module>.weight")."""
+        owner = {k: ("quantized", m) for m, keys in self.quantized.items() for k in keys}
+        for name, weight in self.experts.items():
+            if name in self.quantized_experts:
+                keys = [k for p in self.quantized_experts[name].values() for k in self.expert_groups[p]]
+            else:
+                keys = weight.source_keys()
+            owner.update(dict.fromkeys(keys, ("experts", name)))
         dropped = {k for m, keys in self.dequantized.items() for k in keys if k != f"{m}.weight"}
         seen = set()
         for key in self._where:
             if key in dropped:
                 continue
-            module = owner.get(key)
-            if module is None:
-                yield "dense", key
-            elif module not in seen:
-                seen.add(module)
-                yield "quantized", module
+            item = owner.get(key, ("dense", key))
+            if item not in seen:
+                seen.add(item)
+                yield item
 
 
 def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
-    """Every adapter module is a linear of the base (4-bit, or kept dense), with matching shapes; every tensor of
-    a module trained in full replaces a base tensor of its shape (a dropped 4-bit weight's: (out, in))."""
+    """Every adapter module is a linear of the base (4-bit, or kept dense), with matching shapes; its
+    expert LoRA (`target_parameters`) is where PEFT puts it for the base's expert weights, with their
+    shapes; every tensor of a module trained in full replaces a base tensor of its shape (a dropped
+    4-bit weight's: (out, in))."""
     problems = adapter.shape_problems(lambda m: _out_in(base, m), unknown="{} is not a linear of the base")
+    problems += adapter.expert_problems(base.skeleton, base.experts)
     saved = adapter.saved_tensors()
     problems += [
         f"missing {m}.weight (modules_to_save, 4-bit in the base)"

@@ -3,6 +3,11 @@
 The adapter is merged onto the *dequantized 4-bit* base weight, which is what it was trained
 against (`W = dequant(Q(W0)) + scaling * B @ A`, computed in fp32), not onto the original 16-bit
 weight. Tensors are read, merged and written one at a time.
+
+MoE expert weights are merged expert by expert (`W_e = dequant(Q(W_e)) + scaling * B_e @ A_e` with
+the expert LoRA of PEFT's `target_parameters`, when the adapter has one) and written under the keys
+transformers' `save_pretrained` uses (per expert for Mixtral, Qwen-MoE...; a 3-D tensor where the
+model has no conversion mapping), so `from_pretrained` loads the folder.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ def open_inputs(base, adapter, quant_type: str, blocksize: int, double_quant: bo
     """(BaseModel, AdapterFolder or None), the adapter checked against the base. The modules the
     adapter trains in full stay dense (with an adapter that has none, every target is 4-bit as
     `compile(modules_to_save=())` makes it; without an adapter, compile's default)."""
-    lora = None if adapter is None else AdapterFolder(adapter)
-    saved = None if lora is None else sorted(lora.saved)
-    base_model = BaseModel(base, QuantOptions(quant_type, blocksize, double_quant), modules_to_save=saved)
-    if lora is not None:
-        check_fits(lora, base_model)
+    options = QuantOptions(quant_type, blocksize, double_quant)
+    base_model = BaseModel(base, options)
+    if adapter is None:
+        return base_model, None
+    lora = AdapterFolder(adapter, base_model.expert_lora_prefixes())
+    base_model = BaseModel(base, options, modules_to_save=sorted(lora.saved))  # headers only: cheap
+    check_fits(lora, base_model)
     return base_model, lora
 
 
@@ -47,6 +54,34 @@ def merged_weight(base: BaseModel, adapter: AdapterFolder | None, module: str, d
         delta = adapter.delta(module)
         w = w + delta
     return w.to(dtype or qw.dtype), delta, qw
+
+
+def merged_experts(base: BaseModel, adapter: AdapterFolder | None, name: str, dtype: torch.dtype | None):
+    """Yields (expert, merged (out, in) weight in the output dtype, fp32 delta or None, its 4-bit
+    weight) for each expert of the expert weight `name`, one at a time."""
+    weight = base.experts[name]
+    prefix = None if adapter is None else adapter.expert_prefixes(base.skeleton, [name]).get(name)
+    for e in range(weight.num_experts):
+        qw = base.expert_weight(name, e)
+        w = qw.dequantize(torch.float32)
+        delta = None if prefix is None else adapter.expert_delta(prefix, e, weight.num_experts)
+        if delta is not None:
+            w = w + delta
+        yield e, w.to(dtype or qw.dtype), delta, qw
+
+
+def write_merged_experts(writer, base: BaseModel, adapter, name: str, dtype: torch.dtype | None) -> None:
+    """Merged experts under the 16-bit keys (`BaseModel.save_layout`): per expert, or one 3-D tensor."""
+    layout = base.save_layout(name)
+    stack = []
+    for e, w, _, _ in merged_experts(base, adapter, name, dtype):
+        if layout.fused:
+            stack.append(w.t() if layout.transposed else w)
+            continue
+        for key, part in zip(layout.parts[e], layout.split(w), strict=True):
+            writer.add(key, part)
+    if layout.fused:
+        writer.add(layout.fused, torch.stack(stack))
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -80,7 +115,8 @@ def export_merged(
         base: a 16-bit HF folder (its target linears are quantized with quant_type / blocksize /
             double_quant, as `qlora_compile.compile` does) or a bitsandbytes 4-bit folder.
         adapter: a PEFT-format LoRA folder (`save_adapter` or PEFT), or None (dequantize only). The
-            modules it trains in full (`modules_to_save`) are written with its tensors.
+            modules it trains in full (`modules_to_save`) are written with its tensors; expert LoRA
+            (`target_parameters`) is merged into each expert's weight.
         out: output folder, replaced atomically (written as `<out>.partial`, then renamed).
         dtype: "auto"/None (merged weights in the base weight's dtype, other tensors as stored),
             or "float32" / "float16" / "bfloat16" for every floating tensor.
@@ -98,6 +134,9 @@ def export_merged(
         for kind, name in items:
             if kind == "dense":
                 writer.add(name, cast(dense_tensor(base_model, lora, name), dtype))
+                continue
+            if kind == "experts":
+                write_merged_experts(writer, base_model, lora, name, dtype)
                 continue
             w, _, _ = merged_weight(base_model, lora, name, dtype)
             writer.add(f"{name}.weight", w.t() if name in base_model.conv1d else w)

@@ -19,7 +19,7 @@ from ..checkpoint.convert import bnb_quantization_config
 from ..codes import code4
 from ..format import QuantizedWeight, quantize_weight
 from ._base import copy_side_files, dense_tensor, output_folder, parse_dtype, progress
-from .merged import cast, merged_weight, open_inputs, write_config
+from .merged import cast, merged_experts, merged_weight, open_inputs, write_config
 
 
 @dataclass
@@ -85,13 +85,33 @@ def format_report(layers: list[LayerReport]) -> str:
 def requantized(base, adapter, module: str, dtype: torch.dtype | None):
     """(merged weight re-quantized with the base layer's settings, its LayerReport, the base 4-bit weight)."""
     merged, delta, qw = merged_weight(base, adapter, module, dtype)
+    return (*requantize(merged, delta, qw, module), qw)
+
+
+def requantize(merged: torch.Tensor, delta: torch.Tensor, qw: QuantizedWeight, label: str):
+    """(`merged` quantized with `qw`'s settings, the LayerReport of `delta` against `qw`)."""
     new = quantize_weight(
         merged, quant_type=qw.quant_type, blocksize=qw.blocksize, double_quant=qw.double_quant
     )
     moved = new.dequantize(torch.float32) - qw.dequantize(torch.float32)
     d2 = float(delta.square().sum())
     kept = float((moved * delta).sum()) / d2 if d2 > 0 else 1.0
-    return new, LayerReport(module, d2**0.5, quantization_noise(new), kept), qw
+    return new, LayerReport(label, d2**0.5, quantization_noise(new), kept)
+
+
+def expert_entries(base, adapter, name: str, dtype: torch.dtype | None, reports: list[LayerReport]):
+    """Yields (bitsandbytes entries in our layout, base 4-bit weight) per expert of `name`: re-quantized
+    after merging its expert LoRA (one LayerReport each), else the base's bytes as they are."""
+    weight = base.experts[name]
+    for e, merged, delta, qw in merged_experts(base, adapter, name, dtype):
+        if delta is not None:
+            new, report = requantize(merged, delta, qw, f"{name}[{e}]")
+            reports.append(report)
+            yield new.to_bnb(weight.key(e)), qw
+        elif name in base.quantized_experts:
+            yield base.raw_entries(base.quantized_experts[name][e]), qw
+        else:
+            yield qw.to_bnb(weight.key(e)), qw
 
 
 def export_nf4(
@@ -107,7 +127,9 @@ def export_nf4(
     """Merge `adapter` into `base` (onto the dequantized 4-bit weights) and re-quantize.
 
     Merged layers are quantized with their base layer's quant type, blocksize and double
-    quantization; layers the adapter does not touch keep their 4-bit bytes (a bitsandbytes base)
+    quantization; MoE experts are written in our 4-bit layout (one bitsandbytes weight per expert
+    matrix, `<experts module>.<e>.<param>`, as `convert_checkpoint` writes them), re-quantized
+    per expert where the adapter has expert LoRA (one report per expert, `<name>[e]`); layers the adapter does not touch keep their 4-bit bytes (a bitsandbytes base)
     or are quantized as `qlora_compile.compile` does (a 16-bit base). Arguments as in
     `export_merged`; `dtype` is also the dtype the merged weights are rounded to before
     re-quantizing, and the compute dtype recorded in quantization_config. Modules the adapter trains
@@ -129,6 +151,12 @@ def export_nf4(
         for kind, name in items:
             if kind == "dense":
                 writer.add(name, cast(dense_tensor(base_model, lora, name), dtype))
+                continue
+            if kind == "experts":
+                for entries, qw in expert_entries(base_model, lora, name, dtype, reports):
+                    kinds.add((qw.quant_type, qw.double_quant))
+                    for key, t in entries.items():
+                        writer.add(key, t)
                 continue
             if lora is not None and name in lora.pairs:
                 new, report, qw = requantized(base_model, lora, name, dtype)

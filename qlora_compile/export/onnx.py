@@ -216,12 +216,19 @@ def export_onnx(
     Raises:
         FileNotFoundError / ValueError: as `export_merged`; `merge=True` without an adapter.
         RuntimeError: the exporter did not turn every quantized linear into one MatMulBnb4.
+        NotImplementedError: the base has MoE expert weights (3-D `gate_up_proj` / `down_proj`).
     """
     import onnx
 
     if merge and adapter is None:
         raise ValueError("--merge needs an adapter")
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
+    if base_model.experts:
+        raise NotImplementedError(
+            f"{base_model.dir}: ONNX export of MoE expert weights ({len(base_model.experts)}, e.g. "
+            f"{next(iter(base_model.experts))}) is not supported: MatMulBnb4 takes one matrix and the "
+            "routed per-expert products have no lowering; export merged 16-bit weights instead"
+        )
     progress(f"building {base_model.config.model_type} with {len(base_model.quantized)} 4-bit linear layers")
     model = _Logits(build_model(base_model, lora, merge)).eval()
     ids = torch.zeros((2, 8), dtype=torch.long)

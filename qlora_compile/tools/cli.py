@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"qlora-compile {args.command}: {e}", file=sys.stderr)
         return 2
 
