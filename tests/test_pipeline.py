@@ -116,14 +116,21 @@ def test_sequential_of_linears():
 
 
 def test_smollm2_real_weights(smollm2_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    """SmolLM2's real weights and shapes (576 wide, 9 query and 3 key-value heads), cut to its first
+    4 decoder layers: the other 26 are the same code, and tracing them took 40 s of the suite."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_dir, dtype=torch.float32, num_hidden_layers=4
+    )
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        dense = model(ids, labels=ids).loss.item()
     qlora_compile.compile(model, **FAST)
     model.train()
-    ids = torch.randint(0, 1000, (1, 16))
     loss = model(ids, labels=ids).loss
     loss.backward()
-    assert torch.isfinite(loss) and count_layers(model) == 30 * 7
-    assert model.qlora.report().passes["fuse_lora"] == 30 * 7
+    assert abs(loss.item() - dense) < 0.05 * dense, (loss.item(), dense)  # B = 0: the 4-bit base alone
+    assert count_layers(model) == 4 * 7
+    assert model.qlora.report().passes["fuse_lora"] == 4 * 7
 
 
 def test_bert_minilm_real_weights(minilm_dir):
