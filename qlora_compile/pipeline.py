@@ -536,8 +536,29 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
     if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         _enable_checkpointing(model)
     model.qlora = QLoRAHandle(model, config, report, saved)
+    _warn_backend_bugs(model, config.backend)
     _compile_forward(model, make_backend(config, report))
     return model
+
+
+# Models a backend computes wrong on the torch we test, with or without us (README, "Tested model
+# families"): (model_type, which configs, backend, what goes wrong and what to do).
+_BACKEND_BUGS = (
+    (
+        "falcon",
+        lambda c: getattr(c, "multi_query", False) and not getattr(c, "new_decoder_architecture", False),
+        "inductor",
+        "Inductor (torch 2.13) computes the gradients of a multi-query Falcon's attention wrong, "
+        "with or without qlora_compile; train it with backend='aot_eager'",
+    ),
+)
+
+
+def _warn_backend_bugs(model: nn.Module, backend: str) -> None:
+    config = getattr(model, "config", None)
+    for model_type, applies, bad_backend, message in _BACKEND_BUGS:
+        if backend == bad_backend and getattr(config, "model_type", None) == model_type and applies(config):
+            logger.warning(message)
 
 
 def _enable_checkpointing(model: nn.Module) -> None:

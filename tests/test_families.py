@@ -245,3 +245,15 @@ def test_inductor_multi_query_index_gradient():
     (eager,) = torch.autograd.grad(attention(x), x)
     (compiled,) = torch.autograd.grad(torch.compile(attention)(x), x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_warns_on_inductor_for_multi_query_falcon(caplog):
+    """Until Inductor is fixed, a user compiling such a Falcon with the default backend is told."""
+    import qlora_compile
+
+    family = FAMILIES["falcon"]
+    for backend, warned in (("inductor", True), ("aot_eager", False)):
+        caplog.clear()
+        model = family.model_cls(family.config_cls(**family.config))
+        qlora_compile.compile(model, r=4, backend=backend)  # compiles lazily: nothing runs here
+        assert ("multi-query Falcon" in caplog.text) is warned, backend
