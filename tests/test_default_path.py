@@ -19,6 +19,8 @@ from tokenizers.models import WordLevel
 import qlora_compile
 from qlora_compile import QLoRALinear
 
+pytestmark = pytest.mark.slow  # Inductor compiles C++: about a minute a model on 2 cores
+
 VOCAB = 128
 EXACT = {"r": 8, "compute_dtype": torch.float32, "lora_dropout": 0.0}
 

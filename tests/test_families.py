@@ -19,6 +19,8 @@ from peft_oracle import ours, peft_lora_modules, peft_reference, peft_saved_modu
 
 from qlora_compile import LoRALinear, QLoRALinear
 
+pytestmark = pytest.mark.slow  # Inductor compiles C++: about a minute a model on 2 cores
+
 VOCAB, BATCH, SEQ = 128, 2, 12
 
 DECODER = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,

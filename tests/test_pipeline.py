@@ -50,6 +50,7 @@ def graph_breaks(model, *args, **kwargs) -> int:
     return torch._dynamo.explain(model)(*args, **kwargs).graph_break_count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_families_train_compiled(family):
     model = causal_lm(family)
@@ -115,6 +116,7 @@ def test_sequential_of_linears():
     assert model.qlora.report().graphs == 1 and model.qlora.report().passes["fuse_lora"] == 2
 
 
+@pytest.mark.slow
 def test_smollm2_real_weights(smollm2_dir):
     """SmolLM2's real weights and shapes (576 wide, 9 query and 3 key-value heads), cut to its first
     4 decoder layers: the other 26 are the same code, and tracing them took 40 s of the suite."""
@@ -133,6 +135,7 @@ def test_smollm2_real_weights(smollm2_dir):
     assert model.qlora.report().passes["fuse_lora"] == 4 * 7
 
 
+@pytest.mark.slow
 def test_bert_minilm_real_weights(minilm_dir):
     model = transformers.AutoModel.from_pretrained(minilm_dir, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
@@ -314,6 +317,7 @@ def test_many_models_each_compile():
         assert model.qlora.report().graphs == 1 and model.qlora.report().passes["fuse_lora"] == 1
 
 
+@pytest.mark.slow
 def test_dynamic_shapes_keep_kernel_auto_and_train():
     """New sequence lengths make Dynamo recompile with symbolic sizes: products stay 'auto'."""
     model = causal_lm("llama")
@@ -384,6 +388,7 @@ def test_keep_in_fp32_modules_stay_dense_as_transformers_bitsandbytes_keeps_them
     )
 
 
+@pytest.mark.slow
 def test_weight_reads_the_dequantized_weight_without_storing_it():
     """Code outside our control reads `.weight` (T5's feed-forward: `wo.weight.dtype`). A targeted
     `wo` answers with its dequantized weight; T5 runs compiled with no graph break of ours."""

@@ -42,6 +42,7 @@ def smollm2_converted(smollm2_dir, tmp_path_factory):
     return tmp, ref.train(), result
 
 
+@pytest.mark.slow
 def test_smollm2_matches_bnb_and_loads_with_the_same_bytes_and_logits(smollm2_converted):
     tmp, ref, result = smollm2_converted
     assert_same_folder(tmp / "dst", tmp / "ref")

@@ -2,6 +2,7 @@
 
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from export_helpers import input_ids
 from onnx import numpy_helper
@@ -52,6 +53,7 @@ def check_only_4bit(path, model):
     return inits
 
 
+@pytest.mark.slow
 def test_onnx_with_lora_branch(llama_dir, trained, tmp_path):
     model, adapter = trained
     out = tmp_path / "model.onnx"

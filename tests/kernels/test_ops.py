@@ -130,6 +130,7 @@ def test_dynamo_explain_one_graph_no_breaks():
     assert sum("qlora.linear" in str(t) for t in targets) == 2
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_inductor_cpu():
     """Real Inductor (C++ codegen) with fullgraph=True: same values and gradients as eager."""
     torch._dynamo.reset()

@@ -99,6 +99,7 @@ def test_loss_png_is_a_valid_image(tmp_path):
     assert len(raw) == 60 * (1 + 3 * 100) and raw != bytes(len(raw))
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, smollm2_dir):
     """The whole job through the command line, 2 steps on a few pairs, with SmolLM2's real weights
     and tokenizer cut to its first 2 decoder layers (the full model's trace and steps take minutes
