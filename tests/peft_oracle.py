@@ -13,42 +13,30 @@ from peft.utils.other import ModulesToSaveWrapper
 
 import qlora_compile
 from qlora_compile.lora import LoRALayer
+from tests.models import save_tiny
 
 R, ALPHA = 8, 16
 
 
 def llama_folder(path):
     """A small random Llama saved as an HF folder at `path`."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_tiny(
+        path, "llama", vocab_size=256, hidden_size=128, intermediate_size=256, max_position_embeddings=128
+    )
 
 
 def classifier_folder(path):
     """A small random RoBERTa sequence classifier (3 labels, dropout 0) saved as an HF folder at `path`."""
-    torch.manual_seed(0)
-    config = transformers.RobertaConfig(
-        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=66, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        problem_type="single_label_classification",
-    )  # fmt: skip
-    transformers.RobertaForSequenceClassification(config).save_pretrained(path)
-    return path
+    return save_tiny(
+        path, "roberta", vocab_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
 
 
 def t5_folder(path):
     """A small random T5 (its feed-forward output `wo` stays dense: `_keep_in_fp32_modules`) at `path`."""
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4,
-        decoder_start_token_id=0, dropout_rate=0.0,
-    )  # fmt: skip
-    transformers.T5ForConditionalGeneration(config).save_pretrained(path)
-    return path
+    return save_tiny(
+        path, "t5", vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_decoder_layers=1, dropout_rate=0.0
+    )
 
 
 def ours(base_dir, seed=1, model_cls=transformers.AutoModelForCausalLM, **overrides):

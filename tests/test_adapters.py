@@ -11,7 +11,14 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.other import get_pattern_key
-from peft_oracle import (
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import qlora_compile
+from qlora_compile import QLoRALinear
+from qlora_compile.adapters import AdapterFolder
+from qlora_compile.lora import LoRALayer
+from tests.peft_oracle import (
     ALPHA,
     R,
     bnb_base,
@@ -22,13 +29,6 @@ from peft_oracle import (
     peft_saved_modules,
     t5_folder,
 )
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-import qlora_compile
-from qlora_compile import QLoRALinear
-from qlora_compile.adapters import AdapterFolder
-from qlora_compile.lora import LoRALayer
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # as tests/test_exactness.py
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))

@@ -18,6 +18,7 @@ from tokenizers.models import WordLevel
 
 import qlora_compile
 from qlora_compile import QLoRALinear
+from tests.models import tiny_model
 
 pytestmark = pytest.mark.slow  # Inductor compiles C++: about a minute a model on 2 cores
 
@@ -26,12 +27,7 @@ EXACT = {"r": 8, "compute_dtype": torch.float32, "lora_dropout": 0.0}
 
 
 def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
+    return tiny_model("llama", seed=seed, max_position_embeddings=128, pad_token_id=0)
 
 
 def randomize_lora_B(model, seed: int = 1) -> None:

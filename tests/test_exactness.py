@@ -5,10 +5,10 @@ import pytest
 import torch
 import transformers
 from peft import PeftModel
-from peft_oracle import ALPHA, R, bnb_base, llama_folder, ours, peft_lora_modules, peft_reference
 
 import qlora_compile
 from qlora_compile import QLoRALinear
+from tests.peft_oracle import ALPHA, R, bnb_base, llama_folder, ours, peft_lora_modules, peft_reference
 
 
 @pytest.fixture(scope="module")

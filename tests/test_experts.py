@@ -13,7 +13,6 @@ import copy
 import pytest
 import torch
 import transformers
-from bnb_oracle import quantize as bnb_quantize
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.nn.utils import parametrize
@@ -21,6 +20,7 @@ from torch.nn.utils import parametrize
 import qlora_compile
 from qlora_compile import QLoRAConfig, QLoRALinear, quantize_weight
 from qlora_compile.experts import QuantizedExperts
+from tests.bnb_oracle import quantize as bnb_quantize
 
 EXPERTS = ["gate_up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -15,9 +15,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from peft_oracle import ours, peft_lora_modules, peft_reference, peft_saved_modules
 
 from qlora_compile import LoRALinear, QLoRALinear
+from tests.peft_oracle import ours, peft_lora_modules, peft_reference, peft_saved_modules
 
 pytestmark = pytest.mark.slow  # Inductor compiles C++: about a minute a model on 2 cores
 

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import bnb_oracle
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +10,7 @@ from hypothesis import strategies as st
 
 from qlora_compile import QuantizedWeight, quantize_weight
 from qlora_compile.kernels import cpu, native
+from tests import bnb_oracle
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]

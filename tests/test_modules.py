@@ -1,12 +1,12 @@
 """QuantizedLinear and quantize_linears_ on real transformers models."""
 
-import bnb_oracle
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora_compile.modules import QuantizedLinear, quantize_linears_
+from tests import bnb_oracle
+from tests.models import tiny_model
 
 
 def test_quantized_linear_matches_bitsandbytes_linear4bit():
@@ -26,11 +26,7 @@ def test_quantized_linear_matches_bitsandbytes_linear4bit():
 
 
 def test_quantize_linears_on_llama_keeps_lm_head_and_generates():
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama").eval()
     ids = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
         dense_logits = model(ids).logits

@@ -12,21 +12,11 @@ from torch import nn
 
 import qlora_compile
 from qlora_compile import LoRALinear, QLoRAConfig, QLoRALinear
+from tests.models import CONFIGS, tiny_model
 
 FAST = {"backend": "aot_eager", "r": 4, "compute_dtype": torch.float32}
 
-SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, SMALL),
-    "mistral": (transformers.MistralConfig, SMALL),
-    "qwen2": (transformers.Qwen2Config, SMALL),
-    "gemma2": (transformers.Gemma2Config, {**SMALL, "head_dim": 16}),
-    "phi": (transformers.PhiConfig, {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}),
-    "opt": (transformers.OPTConfig, {"vocab_size": 128, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
-                                     "num_attention_heads": 4, "word_embed_proj_dim": 64, "max_position_embeddings": 64}),
-    "gpt2": (transformers.GPT2Config, {"vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}),
-}  # fmt: skip
+FAMILIES = [f for f in CONFIGS if f != "t5"]  # the causal LMs
 
 
 # products merged by fuse_shared_input, and the groups they form, over 2 layers:
@@ -34,11 +24,6 @@ FAMILIES = {
 # GPT-2's c_attn already holds q/k/v, and its c_fc reads another input.
 SHARED_INPUT = {"llama": 10, "mistral": 10, "qwen2": 10, "gemma2": 10, "phi": 8, "opt": 6, "gpt2": 0}
 SHARED_GROUPS = {"llama": 4, "mistral": 4, "qwen2": 4, "gemma2": 4, "phi": 2, "opt": 2, "gpt2": 0}
-
-
-def causal_lm(family: str) -> nn.Module:
-    config_cls, kwargs = FAMILIES[family]
-    return transformers.AutoModelForCausalLM.from_config(config_cls(**kwargs)).float()
 
 
 def count_layers(model) -> int:
@@ -53,7 +38,7 @@ def graph_breaks(model, *args, **kwargs) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_families_train_compiled(family):
-    model = causal_lm(family)
+    model = tiny_model(family)
     ids = torch.randint(0, 128, (2, 12))
     reference = copy.deepcopy(model).train()
     # the same model with the same (HF, non-reentrant) checkpointing, without us
@@ -83,7 +68,7 @@ def test_families_train_compiled(family):
 
 
 def test_gpt2_conv1d_is_transposed():
-    model = causal_lm("gpt2").eval()
+    model = tiny_model("gpt2").eval()
     ids = torch.randint(0, 128, (1, 10))
     with torch.no_grad():
         dense = model(ids).logits
@@ -155,7 +140,7 @@ def test_bert_minilm_real_weights(minilm_dir):
 
 def test_generate_compiled_equals_eager():
     torch.manual_seed(0)
-    model = causal_lm("llama").eval()
+    model = tiny_model("llama").eval()
     qlora_compile.compile(model, **FAST, lora_dropout=0.0)
     ids = torch.randint(0, 128, (1, 6))
     compiled = model.generate(ids, max_new_tokens=8, do_sample=False)
@@ -166,7 +151,7 @@ def test_generate_compiled_equals_eager():
 
 def test_checkpointing_with_dropout_trains():
     """HF non-reentrant checkpointing + lora_dropout > 0 + compile (PEFT + compile fails here, peft#3020)."""
-    model = causal_lm("llama")
+    model = tiny_model("llama")
     qlora_compile.compile(model, **FAST, lora_dropout=0.1, gradient_checkpointing=True)
     assert model.is_gradient_checkpointing
     model.train()
@@ -180,7 +165,7 @@ def test_checkpointing_with_dropout_trains():
 
 
 def test_trainer_trains_compiled_model(tmp_path):
-    model = causal_lm("llama")
+    model = tiny_model("llama")
     qlora_compile.compile(model, **FAST, lora_dropout=0.0)
     ids = torch.randint(0, 128, (16, 12))
     data = [{"input_ids": row, "labels": row} for row in ids]
@@ -196,7 +181,7 @@ def test_trainer_trains_compiled_model(tmp_path):
 
 
 def test_lora_init_as_peft_and_norms_fp32():
-    model = causal_lm("llama").to(torch.bfloat16)
+    model = tiny_model("llama").to(torch.bfloat16)
     qlora_compile.compile(model, backend="aot_eager", r=8)
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora_B.weight.abs().sum() == 0 and layer.lora_A.weight.abs().sum() > 0
@@ -214,10 +199,10 @@ def test_lora_init_as_peft_and_norms_fp32():
 
 
 def test_target_modules_by_name_and_filter():
-    model = causal_lm("llama")
+    model = tiny_model("llama")
     qlora_compile.compile(model, **FAST, target_modules=["q_proj", "v_proj"])
     assert count_layers(model) == 4 and not isinstance(model.model.layers[0].mlp.up_proj, QLoRALinear)
-    model = causal_lm("llama")
+    model = tiny_model("llama")
     qlora_compile.compile(
         model, **FAST, target_modules=lambda m, fqn: isinstance(m, nn.Linear) and "mlp" in fqn
     )
@@ -230,15 +215,15 @@ def test_bad_input():
     with pytest.raises(
         ValueError, match=r"target_modules \['qkv'\] match no Linear/Conv1D module; the model has: \["
     ):
-        qlora_compile.compile(causal_lm("llama"), **FAST, target_modules=["q_proj", "qkv"])
-    model = causal_lm("llama")
+        qlora_compile.compile(tiny_model("llama"), **FAST, target_modules=["q_proj", "qkv"])
+    model = tiny_model("llama")
     qlora_compile.compile(model, **FAST)
     with pytest.raises(ValueError, match="already processed"):
         qlora_compile.compile(model, **FAST)
     with pytest.raises(ValueError, match="already torch.compile'd"):
         qlora_compile.compile(torch.compile(nn.Sequential(nn.Linear(4, 4))), **FAST)
     with pytest.raises(TypeError, match="unknown QLoRAConfig field"):
-        qlora_compile.compile(causal_lm("llama"), rank=4)
+        qlora_compile.compile(tiny_model("llama"), rank=4)
 
 
 def test_unquantizable_module_is_skipped_and_reported():
@@ -320,7 +305,7 @@ def test_many_models_each_compile():
 @pytest.mark.slow
 def test_dynamic_shapes_keep_kernel_auto_and_train():
     """New sequence lengths make Dynamo recompile with symbolic sizes: products stay 'auto'."""
-    model = causal_lm("llama")
+    model = tiny_model("llama")
     qlora_compile.compile(model, **FAST, lora_dropout=0.1)
     model.train()
     for seq in (12, 20, 28):
@@ -334,7 +319,7 @@ def test_dynamic_shapes_keep_kernel_auto_and_train():
 def test_eval_mode_model_stays_in_eval_mode():
     """from_pretrained returns a model in eval mode: the new layers follow it, so LoRA dropout stays
     off (generate() would otherwise sample dropout masks) until the user calls train()."""
-    model = causal_lm("llama").eval()
+    model = tiny_model("llama").eval()
     qlora_compile.compile(model, **FAST, lora_dropout=0.5)
     assert not any(m.training for m in model.modules())
     for m in model.modules():
@@ -357,10 +342,7 @@ def tiny_t5() -> nn.Module:
     # or without us) makes Dynamo compile transformers' shared frames per model, up to
     # recompile_limit (8): a fresh Dynamo per T5 keeps each test's count its own
     torch._dynamo.reset()
-    config = transformers.T5Config(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0
-    )
-    return transformers.T5ForConditionalGeneration(config)
+    return tiny_model("t5")
 
 
 def test_keep_in_fp32_modules_stay_dense_as_transformers_bitsandbytes_keeps_them():
@@ -415,7 +397,7 @@ def test_weight_reads_the_dequantized_weight_without_storing_it():
     plain.train()
     plain(input_ids=ids, labels=labels).loss.backward()
     assert model.qlora.report().graphs == plain.qlora.report().graphs  # reading .weight breaks nothing
-    gpt2 = causal_lm("gpt2")
+    gpt2 = tiny_model("gpt2")
     dense = gpt2.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: (in, out)
     qlora_compile.compile(gpt2, **FAST)
     c_attn = gpt2.transformer.h[0].attn.c_attn

@@ -1,5 +1,6 @@
 import pytest
-from convert_helpers import tiny_llama
+
+from tests.checkpoint.convert_helpers import tiny_llama
 
 
 @pytest.fixture(scope="session")

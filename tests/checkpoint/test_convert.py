@@ -4,10 +4,17 @@ import json
 
 import torch
 import transformers
-from convert_helpers import assert_same_folder, bnb_reference, raw, read_tensors, tiny_gpt2, tiny_llama
 
 import qlora_compile
 from qlora_compile.tools import cli
+from tests.checkpoint.convert_helpers import (
+    assert_same_folder,
+    bnb_reference,
+    raw,
+    read_tensors,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 def test_gpt2_conv1d_bf16_fp4_matches_bnb_and_loads_without_arguments(tmp_path):
@@ -70,8 +77,9 @@ def test_llama_sharded_input_and_output_skip_untied_head(tmp_path):
     assert tensors["lm_head.weight"].dtype == torch.float16
     assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == torch.float16
     # blocksize 128 (transformers cannot make it): the entries equal bitsandbytes' quantize_4bit at 128
-    from bnb_oracle import quantize as bnb_quantize
     from safetensors.torch import load_file
+
+    from tests.bnb_oracle import quantize as bnb_quantize
 
     ours = read_tensors(tmp_path / "dst")
     source = {}

@@ -5,10 +5,10 @@ import struct
 
 import pytest
 import torch
-from convert_helpers import read_tensors
 from safetensors.torch import load_file, save_file
 
 from qlora_compile.tools import cli
+from tests.checkpoint.convert_helpers import read_tensors
 
 
 @pytest.fixture

@@ -6,11 +6,18 @@ import json
 import pytest
 import torch
 import transformers
-from convert_helpers import assert_same_folder, bnb_reference, raw, read_tensors, tiny_gpt2, tiny_llama
 
 import qlora_compile
 from qlora_compile.lora import QLoRALinear
 from qlora_compile.modules import QuantizedLinear
+from tests.checkpoint.convert_helpers import (
+    assert_same_folder,
+    bnb_reference,
+    raw,
+    read_tensors,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 def _assert_holds_file_bytes(model, folder, kind=QuantizedLinear) -> int:

@@ -1,9 +1,9 @@
 """Fixtures of the export tests: a small random Llama saved as an HF folder, and an adapter."""
 
 import pytest
-from export_helpers import compiled_with_adapter, tiny_llama
 
 import qlora_compile
+from tests.export.export_helpers import compiled_with_adapter, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import logging
 import pytest
 import torch
 import transformers
-from export_helpers import compiled_with_adapter, input_ids
 from safetensors.torch import load_file, save_file
 
 import qlora_compile
 from qlora_compile import quantize_weight
 from qlora_compile.tools import cli
+from tests.export.export_helpers import compiled_with_adapter, input_ids
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -158,7 +158,7 @@ def test_adapter_that_does_not_fit(llama_dir, trained, tmp_path, capsys):
 
 def test_fp4_without_double_quant_and_sharded_base(llama_dir, tmp_path):
     """The quantization options reach the base as compile used them; a sharded base reads the same."""
-    from export_helpers import tiny_llama
+    from tests.export.export_helpers import tiny_llama
 
     sharded = tmp_path / "sharded"
     tiny_llama().save_pretrained(sharded, max_shard_size="100KB")

@@ -4,13 +4,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from export_helpers import input_ids
 from onnx import numpy_helper
 
 import qlora_compile
 from qlora_compile.export._base import BaseModel
 from qlora_compile.export.onnx import build_model
 from qlora_compile.tools import cli
+from tests.export.export_helpers import input_ids
 
 N_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down)
 BASE_MATMULS = 2 * 2 + 1  # attention's two products per layer, and the tied output head
@@ -171,9 +171,8 @@ def test_fused_lora_linear_translates(tmp_path):
 
 def test_onnx_biases_untied_head_no_adapter(tmp_path):
     """Biases on every linear and an untied head, against transformers with our 4-bit linears."""
-    from export_helpers import tiny_llama
-
     from qlora_compile.modules import quantize_linears_
+    from tests.export.export_helpers import tiny_llama
 
     model = tiny_llama(tie=False, bias=True)
     model.save_pretrained(tmp_path / "base")

@@ -1,12 +1,12 @@
 """torch.ops.qlora: values, autograd, fake kernels, and torch.compile without graph breaks."""
 
-import bnb_oracle
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qlora_compile import QuantizedWeight, quantize_weight
+from tests import bnb_oracle
 
 
 class QLinear(nn.Module):

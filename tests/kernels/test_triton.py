@@ -4,13 +4,13 @@ On a machine without CUDA they run under TRITON_INTERPRET=1 (set in conftest.py)
 tools/gpu_check.sh runs the same tests on a GPU.
 """
 
-import bnb_oracle
 import pytest
 import torch
 
 from qlora_compile import quantize_weight
 from qlora_compile.kernels import triton_dequant as td
 from qlora_compile.kernels import triton_matmul as tm
+from tests import bnb_oracle
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, K): rows a whole number of blocks, and rows that straddle blocks (K = 200)

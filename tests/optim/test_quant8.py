@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from bnb_oracle import bnbf
 
 from qlora_compile.codes import dynamic_lut, dynamic_map
 from qlora_compile.optim.quant8 import (
@@ -11,6 +10,7 @@ from qlora_compile.optim.quant8 import (
     quantize_blockwise,
     unsigned_dynamic_map,
 )
+from tests.bnb_oracle import bnbf
 
 
 def test_maps_equal_bitsandbytes():

@@ -1,0 +1,64 @@
+"""The suite's one factory of small random models: a config per family, every field overridable.
+
+Tests that need a model of their own shape pass overrides (`tiny_model("llama", hidden_size=128)`)
+instead of writing another config; a test module with a table of families (tests/test_families.py,
+tests/test_experts.py) keeps its table, but builds through `tiny_model` / `save_tiny`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
+
+CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
+    "llama": (transformers.LlamaConfig, SMALL),
+    "mistral": (transformers.MistralConfig, SMALL),
+    "qwen2": (transformers.Qwen2Config, SMALL),
+    "gemma2": (transformers.Gemma2Config, {**SMALL, "head_dim": 16}),
+    "phi": (transformers.PhiConfig, {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}),
+    "opt": (transformers.OPTConfig, {"vocab_size": 128, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
+                                     "num_attention_heads": 4, "word_embed_proj_dim": 64, "max_position_embeddings": 64}),
+    "gpt2": (transformers.GPT2Config, {"vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}),
+    "t5": (transformers.T5Config, {"vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1,
+                                   "num_heads": 4, "decoder_start_token_id": 0}),
+    "roberta": (transformers.RobertaConfig, {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2,
+                                             "num_attention_heads": 4, "intermediate_size": 128,
+                                             "max_position_embeddings": 66, "num_labels": 3,
+                                             "problem_type": "single_label_classification"}),
+}  # fmt: skip
+
+MODEL_CLASSES = {
+    "t5": transformers.T5ForConditionalGeneration,
+    "roberta": transformers.RobertaForSequenceClassification,
+}
+
+
+def tiny_config(family: str = "llama", **overrides: Any) -> transformers.PretrainedConfig:
+    """`family`'s small config, with `overrides` on top."""
+    config_cls, defaults = CONFIGS[family]
+    return config_cls(**{**defaults, **overrides})
+
+
+def tiny_model(
+    family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> torch.nn.Module:
+    """A random `family` model (its causal-LM class, or MODEL_CLASSES'), seeded, in `dtype`."""
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model_cls = MODEL_CLASSES.get(family)
+    model = model_cls(config) if model_cls else transformers.AutoModelForCausalLM.from_config(config)
+    return model.to(dtype)
+
+
+def save_tiny(
+    path: Path, family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> Path:
+    """`tiny_model(...)` saved as an HF folder at `path`."""
+    tiny_model(family, seed=seed, dtype=dtype, **overrides).save_pretrained(path)
+    return Path(path)
