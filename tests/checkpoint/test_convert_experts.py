@@ -8,13 +8,13 @@ transformers + bitsandbytes leaves experts dense (tests/test_experts.py), so the
 import pytest
 import torch
 import transformers
-from test_experts import save_moe
 
 import qlora_compile
 from qlora_compile.checkpoint import convert as convert_module
 from qlora_compile.experts import QuantizedExperts
 from qlora_compile.lora import QLoRALinear
 from tests.checkpoint.convert_helpers import bnb_reference, raw, read_tensors
+from tests.test_experts import save_moe
 
 FAST = {"backend": "aot_eager", "r": 4, "lora_alpha": 8, "compute_dtype": torch.float32, "lora_dropout": 0.0}
 EXPERTS = ["gate_up_proj", "down_proj"]

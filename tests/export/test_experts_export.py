@@ -10,12 +10,12 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from test_experts import EXPERTS, FAST, randomize_lora, save_moe
 
 import qlora_compile
 from qlora_compile import quantize_weight
 from qlora_compile.experts import QuantizedExperts
 from qlora_compile.tools import cli
+from tests.test_experts import EXPERTS, FAST, randomize_lora, save_moe
 
 
 def keys(folder) -> set[str]:
