@@ -32,9 +32,9 @@ from ..codes import BLOCKSIZES, QUANT_TYPES
 from ..format import QuantizedWeight, quantize_weight
 from ..kernels import cpu as _torch_kernels
 from ..kernels import dispatch
-from . import _model
-from ._experts import ExpertWeight, expert_weights, renamer
-from ._safetensors import (
+from . import skeleton
+from .expert_layout import ExpertWeight, expert_weights, renamer
+from .safetensors_file import (
     DTYPES,
     SafetensorsError,
     TensorInfo,
@@ -215,11 +215,11 @@ def _quantized_size(numel: int, blocksize: int, double_quant: bool) -> int:
 
 def _plan(config, infos, cls, *, skip, blocksize, double_quant):
     """(items, main dtype, quantized module names, skipped module names)."""
-    model = _model.skeleton(config, cls)
+    model = skeleton.skeleton(config, cls)
     main_dtype = _main_dtype(config, infos)
-    not_convert = _model.modules_to_not_convert(model, skip)
-    chosen = _model.quantized_modules(model, not_convert)
-    fp32 = _model.fp32_patterns(model, main_dtype)
+    not_convert = skeleton.modules_to_not_convert(model, skip)
+    chosen = skeleton.quantized_modules(model, not_convert)
+    fp32 = skeleton.fp32_patterns(model, main_dtype)
     keys = set(model.state_dict().keys())
     tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
     prefix = getattr(model, "base_model_prefix", "")
@@ -256,7 +256,7 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
                 "(expected F32, F16 or BF16; is the checkpoint already quantized?)"
             )
         if info.dtype in _FLOAT_SOURCES:
-            dtype = torch.float32 if _model.keeps_fp32(key, fp32) else main_dtype
+            dtype = torch.float32 if skeleton.keeps_fp32(key, fp32) else main_dtype
         else:
             dtype = DTYPES[info.dtype]
         if quantize:
@@ -272,7 +272,7 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
             len(unmatched), cls.__name__, ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else ""),
         )  # fmt: skip
     skipped = sorted(
-        n for n, m in model.named_modules() if isinstance(m, _model.linear_kinds()) and n not in chosen
+        n for n, m in model.named_modules() if isinstance(m, skeleton.linear_kinds()) and n not in chosen
     )
     return items, main_dtype, sorted(chosen), skipped
 
@@ -285,7 +285,7 @@ def _expert_sources(model, infos: list[TensorInfo], not_convert: list[str]) -> d
     weights = expert_weights(model, list(by_name), {i.name: i.shape for i in infos})
     out: dict[str, tuple] = {}
     for weight in weights.values():
-        if not _model.should_convert(weight.module, not_convert):
+        if not skeleton.should_convert(weight.module, not_convert):
             continue
         keys = weight.source_keys()
         bad = [k for k in keys if by_name[k].dtype not in _FLOAT_SOURCES]
@@ -551,7 +551,7 @@ def convert_checkpoint(
             infos += read_header(path)
         except SafetensorsError as e:
             raise ConversionError(str(e)) from None
-    cls = _model.model_class(config)
+    cls = skeleton.model_class(config)
     items, main_dtype, chosen, skipped = _plan(
         config, infos, cls, skip=list(skip or []), blocksize=blocksize, double_quant=double_quant
     )
@@ -627,7 +627,7 @@ def convert_checkpoint(
         }
         (partial / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     skip_list = (
-        sorted(set(_model.modules_to_not_convert(_model.skeleton(config, cls), [])) | set(skip))
+        sorted(set(skeleton.modules_to_not_convert(skeleton.skeleton(config, cls), [])) | set(skip))
         if skip
         else None
     )

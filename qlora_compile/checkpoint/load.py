@@ -19,9 +19,9 @@ from torch import nn
 from ..experts import QuantizedExperts, install
 from ..format import QuantizedWeight
 from ..modules import QuantizedLinear
-from . import _model
-from ._experts import expert_weights, quantized_experts, renamer
+from . import skeleton
 from .convert import ConversionError, _source_files
+from .expert_layout import expert_weights, quantized_experts, renamer
 
 logger = logging.getLogger(__name__)
 _STATE = re.compile(r"^(.*)\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
@@ -96,7 +96,7 @@ def load_quantized(
     Returns:
         The model in eval mode; each quantized linear is a `QuantizedLinear` whose buffers hold the
         file's bytes, and each 3-D expert weight stored per expert in 4 bits (`convert_checkpoint`'s
-        layout, `checkpoint/_experts.py`) a `QuantizedExperts` holding them (compute dtype: the
+        layout, `checkpoint/expert_layout.py`) a `QuantizedExperts` holding them (compute dtype: the
         folder's `bnb_4bit_compute_dtype`). `qlora_compile.compile(model)` turns them into QLoRA layers without
         requantizing.
     """
@@ -114,8 +114,8 @@ def load_quantized(
         )
     if model_class is not None and hasattr(model_class, "_model_mapping"):  # an Auto class
         model_class = model_class._model_mapping[type(config)]
-    cls = model_class or _model.model_class(config)
-    model = _model.skeleton(config, cls, real_buffers=True)
+    cls = model_class or skeleton.model_class(config)
+    model = skeleton.skeleton(config, cls, real_buffers=True)
     rename = renamer(model)
     tensors = {rename(k): v for k, v in _read_all(files).items()}  # transformers' renamings
     tensors = _rename(tensors, model)
@@ -145,7 +145,7 @@ def load_quantized(
             raise ConversionError(
                 f"{path}: {prefix} is quantized in the file but is not a module of {cls.__name__}"
             ) from None
-        if not isinstance(module, _model.linear_kinds()):
+        if not isinstance(module, skeleton.linear_kinds()):
             raise ConversionError(
                 f"{path}: {prefix} is quantized in the file but is a {type(module).__name__}"
             )

@@ -9,7 +9,7 @@ Modules an adapter trains in full (`modules_to_save`) stay dense in every export
 adapter's tensors in place of the base's: a 16-bit base does not quantize them; a bitsandbytes
 base's 4-bit entries for them are dropped, the adapter giving their dense weight.
 
-MoE expert weights (`checkpoint/_experts.py`) are read one expert at a time too: from the
+MoE expert weights (`checkpoint/expert_layout.py`) are read one expert at a time too: from the
 per-expert (or 3-D) tensors of a 16-bit folder, quantized as `compile` does, or from our 4-bit
 layout (`<experts module>.<e>.<param>.weight*`, what `convert_checkpoint` writes).
 """
@@ -29,8 +29,8 @@ import torch
 from safetensors import safe_open
 
 from ..adapters import AdapterFolder
-from ..checkpoint._experts import ExpertWeight, expert_weights, quantized_experts, save_layout
-from ..checkpoint._model import model_class
+from ..checkpoint.expert_layout import ExpertWeight, expert_weights, quantized_experts, save_layout
+from ..checkpoint.skeleton import model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
 from ..format import QuantizedWeight, quantize_weight
 from ..pipeline import inside

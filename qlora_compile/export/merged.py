@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import AdapterFolder
-from ..checkpoint._safetensors import SafetensorsWriter
+from ..checkpoint.safetensors_file import SafetensorsWriter
 from ._base import (
     BaseModel,
     QuantOptions,

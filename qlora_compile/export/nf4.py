@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint._safetensors import SafetensorsWriter
 from ..checkpoint.convert import bnb_quantization_config
+from ..checkpoint.safetensors_file import SafetensorsWriter
 from ..codes import code4
 from ..format import QuantizedWeight, quantize_weight
 from ._base import copy_side_files, dense_tensor, output_folder, parse_dtype, progress

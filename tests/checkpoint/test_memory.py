@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from convert_helpers import synthetic_llama
 
-from qlora_compile.checkpoint._safetensors import read_header
+from qlora_compile.checkpoint.safetensors_file import read_header
 
 ROOT = Path(__file__).resolve().parents[2]
 # Runs in a fresh process; the baseline is its RSS after the imports, the peak its VmHWM.
