@@ -44,7 +44,7 @@ def main() -> None:
     import transformers
 
     import qlora_compile
-    from qlora_compile.export._base import Adapter, BaseModel
+    from qlora_compile.export.base import Adapter, BaseModel
     from qlora_compile.export.onnx import build_model
     from qlora_compile.tools import assets
 
