@@ -45,7 +45,9 @@ def test_sharded_export_loads_in_transformers(fmt, llama_dir, trained, tmp_path)
     assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert not (tmp_path / "one" / "model.safetensors.index.json").exists()
     ids = input_ids(2, 9)
-    torch.testing.assert_close(_logits(tmp_path / "sharded", ids), _logits(tmp_path / "one", ids), atol=0, rtol=0)
+    torch.testing.assert_close(
+        _logits(tmp_path / "sharded", ids), _logits(tmp_path / "one", ids), atol=0, rtol=0
+    )
 
 
 @pytest.mark.parametrize("fmt", EXPORTS)
