@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ..codes import QUANT_TYPES
+from ..format import QUANT_STATE
 from .output_folder import INDEX, WEIGHTS
 from .safetensors_file import SafetensorsError, TensorInfo, read_header
 
-# bitsandbytes' quant-state entry of a 4-bit module `<m>`: `<m>.weight.quant_state.bitsandbytes__nf4`
-QUANT_STATE = re.compile(r"^(.*)\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
 # what `copy_extras` leaves out: weights (ours and other formats) and their indexes
 _WEIGHT_FILE = re.compile(
     r".*\.(safetensors|bin|pt|pth|h5|msgpack|ckpt|gguf)$|.*\.(safetensors|bin)\.index\.json$"
@@ -124,7 +124,8 @@ class ModelFolder:
         """{module: its stored 4-bit entries (`<module>.weight`, `.weight.absmax`, ...)} of every module
         with a bitsandbytes quant state among `keys` (default: the folder's tensors)."""
         keys = list(self.infos) if keys is None else list(keys)
-        groups = {m.group(1): [] for k in keys if (m := QUANT_STATE.match(k))}
+        split = [k.partition(".weight" + QUANT_STATE) for k in keys]
+        groups = {module: [] for module, state, quant_type in split if state and quant_type in QUANT_TYPES}
         for key in keys:
             prefix = key.rsplit(".weight", 1)[0]
             if prefix in groups and (key == f"{prefix}.weight" or key.startswith(f"{prefix}.weight.")):

@@ -34,7 +34,7 @@ from ..checkpoint.output_folder import Entry, OutputFolder, Written
 from ..checkpoint.safetensors_file import DTYPES, TensorSpec
 from ..checkpoint.skeleton import model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
-from ..format import QuantizedWeight, quantize_weight
+from ..format import QUANT_STATE, QuantizedWeight, quantize_weight
 from ..pipeline import inside
 
 logger = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class BaseModel:
     def quant_state(self, module: str) -> dict:
         """A bnb base's quant state of a 4-bit module (its JSON entry: shape, dtype, blocksize, ...)."""
         keys = self.quantized.get(module) or self.dequantized[module]
-        state_key = next(k for k in keys if ".quant_state." in k)
+        state_key = next(k for k in keys if QUANT_STATE in k)
         return json.loads(bytes(self.tensor(state_key).tolist()).decode())
 
     def weight_dtype(self, module: str) -> torch.dtype:
