@@ -122,6 +122,11 @@ class AdapterFolder:
         self.pairs = self._read_weights()
         self._check_ranks()
 
+    @property
+    def files(self) -> list[Path]:
+        """The folder's two files (config and weights)."""
+        return [self.dir / CONFIG_NAME, self.dir / WEIGHTS_NAME]
+
     def _check_config(self) -> None:
         peft_type = self.config.get("peft_type", "LORA")
         if peft_type != "LORA":

@@ -350,13 +350,12 @@ def write_export(
     then `finish(folder path, Written)` (config.json and the rest), with a tqdm bar when `progress`."""
     from tqdm import tqdm
 
-    from ..adapters import CONFIG_NAME, WEIGHTS_NAME
     from ..checkpoint.convert import parse_size
 
     items = list(base.items())
     inputs = [*base.files, base.dir / "config.json"]
     if adapter is not None:
-        inputs += [adapter.dir / CONFIG_NAME, adapter.dir / WEIGHTS_NAME]
+        inputs += adapter.files
     bar = tqdm(total=len(items), unit="tensor", desc=f"export {options['format']}", file=sys.stderr,
                disable=not progress)  # fmt: skip
     max_bytes = parse_size(max_shard_size)
