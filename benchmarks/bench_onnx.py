@@ -44,7 +44,8 @@ def main() -> None:
     import transformers
 
     import qlora_compile
-    from qlora_compile.export._base import Adapter, BaseModel
+    from qlora_compile.adapters import AdapterFolder
+    from qlora_compile.export.base import BaseModel
     from qlora_compile.export.onnx import build_model
     from qlora_compile.tools import assets
 
@@ -90,7 +91,7 @@ def main() -> None:
         return lambda: m(input_ids=ids, attention_mask=mask).logits
 
     base = BaseModel(folder)
-    ours = {"base": build_model(base), "base + LoRA": build_model(base, Adapter(work / "adapter"))}
+    ours = {"base": build_model(base), "base + LoRA": build_model(base, AdapterFolder(work / "adapter"))}
     candidates = {
         "ONNX Runtime, 4-bit (MatMulBnb4)": ort_run(exports["base"]["path"]),
         "ONNX Runtime, 4-bit + LoRA branch": ort_run(exports["base + LoRA"]["path"]),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Collection
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoint.output_folder import atomic_files
 from .experts import matches
 from .lora import LoRALayer, lora_scaling
 
@@ -121,6 +121,11 @@ class AdapterFolder:
         self.use_rslora = bool(self.config.get("use_rslora", False))
         self.pairs = self._read_weights()
         self._check_ranks()
+
+    @property
+    def files(self) -> list[Path]:
+        """The folder's two files (config and weights)."""
+        return [self.dir / CONFIG_NAME, self.dir / WEIGHTS_NAME]
 
     def _check_config(self) -> None:
         peft_type = self.config.get("peft_type", "LORA")
@@ -305,12 +310,6 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
-def _atomic_write(path: Path, write) -> None:
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)  # a crash leaves the old file or none, never half of one
-
-
 def _scale_config(layers: dict[str, LoRALayer]) -> dict:
     """r, lora_alpha and use_rslora, with rank_pattern / alpha_pattern for the layers that differ
     from the most common value (each pattern anchored to one full module name)."""
@@ -343,7 +342,6 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """
     layers = _layers(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     first = next(iter(layers.values()))
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     tensors = {}
@@ -375,8 +373,10 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "use_dora": False,
     }
     _add_expert_adapters(model, tensors, config)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+    # every tensor is in memory: safetensors' own writer (no copy since 0.8, see `SafetensorsStream`)
+    with atomic_files(directory, "adapter") as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return directory
 
 

@@ -22,6 +22,9 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _MAX_REPORTED = 5
 logger = logging.getLogger(__name__)
+# A 4-bit weight `<m>.weight`'s JSON state is the entry `<m>.weight<QUANT_STATE><quant_type>` (the
+# only place this key is spelled: `to_bnb` writes it, `from_bnb` and `ModelFolder.bnb_groups` find it).
+QUANT_STATE = ".quant_state.bitsandbytes__"
 
 
 @dataclass
@@ -138,9 +141,7 @@ class QuantizedWeight:
             out[f"{key}.nested_absmax"] = self.nested_absmax
             out[f"{key}.nested_quant_map"] = dynamic_map().to(self.device)
         state = json.dumps(self.quant_state_json()).encode("utf-8")
-        out[f"{key}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(
-            list(state), dtype=torch.uint8
-        )
+        out[f"{key}{QUANT_STATE}{self.quant_type}"] = torch.tensor(list(state), dtype=torch.uint8)
         return out
 
     @classmethod
@@ -220,9 +221,9 @@ def _from_bnb(tensors: dict[str, torch.Tensor], key: str) -> QuantizedWeight:
             raise ValueError(f"missing bitsandbytes entry {name!r}")
         return tensors[name]
 
-    states = [k for k in tensors if k.startswith(f"{key}.quant_state.bitsandbytes__")]
+    states = [k for k in tensors if k.startswith(f"{key}{QUANT_STATE}")]
     if len(states) != 1:
-        raise ValueError(f"expected one '{key}.quant_state.bitsandbytes__*' entry, found {states}")
+        raise ValueError(f"expected one '{key}{QUANT_STATE}*' entry, found {states}")
     state = json.loads(bytes(tensors[states[0]].tolist()).decode("utf-8"))
     quant_type, blocksize = state["quant_type"], int(state["blocksize"])
     if quant_type not in QUANT_TYPES or blocksize not in BLOCKSIZES:

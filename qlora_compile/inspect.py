@@ -56,7 +56,7 @@ import torch
 from torch import fx, nn
 
 from . import pipeline
-from .checkpoint._model import model_class
+from .checkpoint.skeleton import model_class
 from .codes import NESTED_BLOCKSIZE
 from .config import QLoRAConfig
 from .experts import is_experts

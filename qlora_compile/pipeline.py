@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import experts as _experts
-from .checkpoint._model import modules_to_not_convert, should_convert
+from .checkpoint.skeleton import modules_to_not_convert, should_convert
 from .config import QLoRAConfig
 from .format import quantize_weight
 from .lora import LoRALayer, LoRALinear, QLoRALinear

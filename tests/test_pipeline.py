@@ -349,7 +349,7 @@ def test_keep_in_fp32_modules_stay_dense_as_transformers_bitsandbytes_keeps_them
     """T5 declares `_keep_in_fp32_modules = ["wo"]`: "all-linear" leaves every `wo` dense, with the
     converter's rule (transformers' bitsandbytes quantizer's), with LoRA on its dense weight (as
     PEFT's "all-linear"), and T5 then trains compiled."""
-    from qlora_compile.checkpoint._model import modules_to_not_convert, quantized_modules
+    from qlora_compile.checkpoint.skeleton import modules_to_not_convert, quantized_modules
 
     model = tiny_t5()
     expected = set(quantized_modules(model, modules_to_not_convert(model, None)))

@@ -6,21 +6,19 @@ model: tensors are read one at a time (in slices of rows, through safetensors' m
 quantized or cast, and written shard by shard. Peak memory is one output shard plus the tensor
 being read plus a constant.
 
-The run writes into `DST.partial/` and renames it to DST at the end, so a killed run never leaves
-a DST. A manifest in `DST.partial/` records each finished shard with its SHA-256; running the same
-conversion again reuses the shards that still verify and writes the rest.
+The folder is read through `ModelFolder` and written through `OutputFolder`: into `DST.partial/`,
+renamed to DST at the end (a killed run never leaves a DST), with a manifest of the finished
+shards and their SHA-256, so running the same conversion again reuses the shards that still
+verify and writes the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,33 +30,16 @@ from ..codes import BLOCKSIZES, QUANT_TYPES
 from ..format import QuantizedWeight, quantize_weight
 from ..kernels import cpu as _torch_kernels
 from ..kernels import dispatch
-from . import _model
-from ._experts import ExpertWeight, expert_weights, renamer
-from ._safetensors import (
-    DTYPES,
-    SafetensorsError,
-    TensorInfo,
-    read_header,
-    row_chunks,
-    sha256_file,
-    write_file,
-)
+from . import model_folder, skeleton
+from .expert_layout import ExpertWeight, expert_weights, renamer
+from .model_folder import ConversionError, ModelFolder
+from .output_folder import DEFAULT_MAX_SHARD_SIZE, Entry, OutputFolder
+from .safetensors_file import DTYPES, TensorInfo, TensorSpec, row_chunks
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
-MANIFEST = ".qlora-convert-manifest.json"
-EXIT_AFTER_SHARD_ENV = "QLORA_COMPILE_CONVERT_EXIT_AFTER_SHARD"  # test hook: exit after k shards
-_WEIGHT_FILE = re.compile(
-    r".*\.(safetensors|bin|pt|pth|h5|msgpack|ckpt|gguf)$|.*\.(safetensors|bin)\.index\.json$"
-)
 _CHUNK_ELEMENTS = 1 << 22  # elements read per slice (16 MB of fp32)
 _FLOAT_SOURCES = ("F32", "F16", "BF16", "F64")
-
-
-class ConversionError(ValueError):
-    """Bad input to the converter (the CLI prints it on one line and exits with code 2)."""
 
 
 @dataclass
@@ -151,45 +132,6 @@ def _dtype(value: str | torch.dtype) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _source_files(src: Path) -> list[Path]:
-    if not src.exists():
-        raise ConversionError(f"{src}: no such folder")
-    if not src.is_dir():
-        raise ConversionError(f"{src}: not a folder (expected a Hugging Face model folder)")
-    if not (src / "config.json").is_file():
-        raise ConversionError(f"{src}: not a Hugging Face model folder (no config.json)")
-    if (src / INDEX).is_file():
-        try:
-            weight_map = json.loads((src / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConversionError(f"{src / INDEX}: corrupt index ({e})") from None
-        files = list(dict.fromkeys(weight_map.values()))
-        for name in files:
-            if not (src / name).is_file():
-                raise ConversionError(f"{src}: shard {name} named by {INDEX} is missing")
-        return [src / name for name in files]
-    if (src / WEIGHTS).is_file():
-        return [src / WEIGHTS]
-    raise ConversionError(f"{src}: no {WEIGHTS} or {INDEX} (only safetensors checkpoints are converted)")
-
-
-def _load_config(src: Path):
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(src))
-    except Exception as e:  # noqa: BLE001  (transformers raises many kinds for a bad config.json)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(
-            f"{src}: not a Hugging Face model folder: config.json cannot be read ({first})"
-        ) from None
-    if getattr(config, "quantization_config", None) is not None:
-        raise ConversionError(
-            f"{src}: the checkpoint is already quantized (config.json has a quantization_config)"
-        )
-    return config
-
-
 def _main_dtype(config, infos: list[TensorInfo]) -> torch.dtype:
     """The dtype transformers loads the model in with dtype="auto": the config's, else the first float tensor's."""
     dtype = getattr(config, "dtype", None)
@@ -215,11 +157,11 @@ def _quantized_size(numel: int, blocksize: int, double_quant: bool) -> int:
 
 def _plan(config, infos, cls, *, skip, blocksize, double_quant):
     """(items, main dtype, quantized module names, skipped module names)."""
-    model = _model.skeleton(config, cls)
+    model = skeleton.skeleton(config, cls)
     main_dtype = _main_dtype(config, infos)
-    not_convert = _model.modules_to_not_convert(model, skip)
-    chosen = _model.quantized_modules(model, not_convert)
-    fp32 = _model.fp32_patterns(model, main_dtype)
+    not_convert = skeleton.modules_to_not_convert(model, skip)
+    chosen = skeleton.quantized_modules(model, not_convert)
+    fp32 = skeleton.fp32_patterns(model, main_dtype)
     keys = set(model.state_dict().keys())
     tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
     prefix = getattr(model, "base_model_prefix", "")
@@ -256,7 +198,7 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
                 "(expected F32, F16 or BF16; is the checkpoint already quantized?)"
             )
         if info.dtype in _FLOAT_SOURCES:
-            dtype = torch.float32 if _model.keeps_fp32(key, fp32) else main_dtype
+            dtype = torch.float32 if skeleton.keeps_fp32(key, fp32) else main_dtype
         else:
             dtype = DTYPES[info.dtype]
         if quantize:
@@ -272,7 +214,7 @@ def _plan(config, infos, cls, *, skip, blocksize, double_quant):
             len(unmatched), cls.__name__, ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else ""),
         )  # fmt: skip
     skipped = sorted(
-        n for n, m in model.named_modules() if isinstance(m, _model.linear_kinds()) and n not in chosen
+        n for n, m in model.named_modules() if isinstance(m, skeleton.linear_kinds()) and n not in chosen
     )
     return items, main_dtype, sorted(chosen), skipped
 
@@ -285,7 +227,7 @@ def _expert_sources(model, infos: list[TensorInfo], not_convert: list[str]) -> d
     weights = expert_weights(model, list(by_name), {i.name: i.shape for i in infos})
     out: dict[str, tuple] = {}
     for weight in weights.values():
-        if not _model.should_convert(weight.module, not_convert):
+        if not skeleton.should_convert(weight.module, not_convert):
             continue
         keys = weight.source_keys()
         bad = [k for k in keys if by_name[k].dtype not in _FLOAT_SOURCES]
@@ -306,18 +248,6 @@ def _expert_items(weight, sources, main_dtype, blocksize, double_quant) -> list[
         _Item(first, f"{weight.key(e)}.weight", main_dtype, True, False, size, (weight, e, sources))
         for e in range(weight.num_experts)
     ]
-
-
-def _shards(items: list[_Item], max_bytes: int) -> list[list[_Item]]:
-    shards: list[list[_Item]] = [[]]
-    size = 0
-    for item in items:
-        if shards[-1] and size + item.out_bytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item.out_bytes
-    return shards if shards[0] else []
 
 
 def _nonfinite_error(item: _Item, chunk: torch.Tensor, row0: int, allow_hint: bool) -> ConversionError:
@@ -344,32 +274,17 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _read_slice(info: TensorInfo, start: int | None = None, stop: int | None = None, columns: bool = False):
-    """Rows (or columns) [start, stop) of a tensor, the whole tensor when `start` is None.
-
-    Each call maps the file and unmaps it on return: the pages read would otherwise stay in the
-    process's resident set until the handle closes (a whole tensor's worth per tensor).
-    """
-    from safetensors import safe_open
-
-    with safe_open(str(info.file), framework="pt") as f:
-        if start is None:
-            return f.get_tensor(info.name)
-        sl = f.get_slice(info.name)
-        return sl[:, start:stop] if columns else sl[start:stop]
-
-
 def _read_dense(item: _Item, allow_nonfinite: bool) -> torch.Tensor:
     info = item.info
     check = info.dtype in _FLOAT_SOURCES and not allow_nonfinite
     if len(info.shape) == 0 or info.numel <= _CHUNK_ELEMENTS:
-        t = _read_slice(info)
+        t = model_folder.read(info)
         if check and not _all_finite(t):
             raise _nonfinite_error(item, t.reshape(1, -1) if t.dim() < 2 else t, 0, True)
         return t.to(item.dtype)
     out = torch.empty(info.shape, dtype=item.dtype)
     for a, b in row_chunks(info, _CHUNK_ELEMENTS):
-        chunk = _read_slice(info, a, b)
+        chunk = model_folder.read(info, a, b)
         if check and not _all_finite(chunk):
             raise _nonfinite_error(item, chunk, a, True)
         out[a:b] = chunk
@@ -390,7 +305,7 @@ def _read_quantized(item: _Item, quant_type: str, blocksize: int, double_quant: 
     step = max(multiple, per_row - per_row % multiple)
     for a in range(0, out_f, step):
         b = min(out_f, a + step)
-        chunk = _read_slice(info, a, b, columns=item.conv1d)
+        chunk = model_folder.read(info, a, b, columns=item.conv1d)
         if item.conv1d:
             chunk = chunk.t()
         flat = chunk.to(item.dtype).reshape(-1)
@@ -415,7 +330,11 @@ def _read_expert(item: _Item, quant_type: str, blocksize: int, double_quant: boo
     weight, expert, sources = item.expert
 
     def read(key: str, index: int | None) -> torch.Tensor:
-        t = _read_slice(sources[key]) if index is None else _read_slice(sources[key], index, index + 1)[0]
+        t = (
+            model_folder.read(sources[key])
+            if index is None
+            else model_folder.read(sources[key], index, index + 1)[0]
+        )
         if not _all_finite(t):
             raise _nonfinite_error(
                 dataclasses.replace(item, info=sources[key]), t.reshape(t.shape[0], -1), 0, False
@@ -424,53 +343,6 @@ def _read_expert(item: _Item, quant_type: str, blocksize: int, double_quant: boo
 
     matrix = weight.matrix(expert, read).to(item.dtype)
     return quantize_weight(matrix, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
-
-
-def _fingerprint(files: list[Path], options: dict) -> str:
-    from .. import __version__
-
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    blob = json.dumps({"files": stats, "options": options, "version": __version__}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _load_manifest(partial: Path, fingerprint: str) -> dict:
-    """The finished shards recorded in `partial`, when it belongs to this same conversion; else start over."""
-    manifest_path = partial / MANIFEST
-    if partial.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            if manifest.get("fingerprint") == fingerprint:
-                return manifest
-            logger.warning("%s belongs to another conversion: starting over", partial)
-        except (OSError, json.JSONDecodeError):
-            logger.warning("%s has no readable manifest: starting over", partial)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    manifest = {"fingerprint": fingerprint, "shards": {}}
-    _save_manifest(partial, manifest)
-    return manifest
-
-
-def _save_manifest(partial: Path, manifest: dict) -> None:
-    tmp = partial / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, partial / MANIFEST)
-
-
-def copy_extras(src: Path, dst: Path) -> None:
-    """Tokenizer files, generation_config.json and other small files (no weights, no hidden files)."""
-    for path in sorted(src.iterdir()):
-        if path.name.startswith(".") or path.name == "config.json" or _WEIGHT_FILE.match(path.name):
-            continue
-        if path.is_dir():
-            shutil.copytree(
-                path,
-                dst / path.name,
-                ignore=lambda d, names: [n for n in names if _WEIGHT_FILE.match(n) or n.startswith(".")],
-            )
-        elif path.is_file():
-            shutil.copy2(path, dst / path.name)
 
 
 def bnb_quantization_config(
@@ -505,7 +377,7 @@ def convert_checkpoint(
     double_quant: bool = True,
     compute_dtype: str | torch.dtype = "bfloat16",
     skip: list[str] | tuple[str, ...] | None = None,
-    max_shard_size: int | str = "2GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = True,
@@ -539,19 +411,18 @@ def convert_checkpoint(
         raise ConversionError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     compute_dtype = _dtype(compute_dtype)
     max_bytes = parse_size(max_shard_size)
-    files = _source_files(src)
+    folder = ModelFolder(src)
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists (pass --overwrite / overwrite=True to replace it)")
     if dst.resolve() == src.resolve():
         raise ConversionError("source and destination are the same folder")
-    config = _load_config(src)
-    infos = []
-    for path in files:
-        try:
-            infos += read_header(path)
-        except SafetensorsError as e:
-            raise ConversionError(str(e)) from None
-    cls = _model.model_class(config)
+    config = folder.config()
+    if getattr(config, "quantization_config", None) is not None:
+        raise ConversionError(
+            f"{src}: the checkpoint is already quantized (config.json has a quantization_config)"
+        )
+    infos = list(folder.infos.values())
+    cls = skeleton.model_class(config)
     items, main_dtype, chosen, skipped = _plan(
         config, infos, cls, skip=list(skip or []), blocksize=blocksize, double_quant=double_quant
     )
@@ -560,97 +431,46 @@ def convert_checkpoint(
         "compute_dtype": str(compute_dtype).removeprefix("torch."), "skip": list(skip or []),
         "max_shard_size": max_bytes, "allow_nonfinite": allow_nonfinite,
     }  # fmt: skip
-    shards = _shards(items, max_bytes)
-    names = (
-        [WEIGHTS]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    partial = dst.with_name(dst.name + ".partial")
-    manifest = _load_manifest(partial, _fingerprint(files, options))
-    exit_after = int(os.environ.get(EXIT_AFTER_SHARD_ENV, "0") or 0)
     bytes_in = sum(i.nbytes for i in items)
-    weight_map, written, reused, quantized_bytes = {}, 0, 0, 0
-    bar = tqdm(
-        total=bytes_in,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="convert",
-        file=sys.stderr,
-        disable=not progress,
-    )
-    try:
-        for name, shard in zip(names, shards, strict=True):
-            record = manifest["shards"].get(name)
-            path = partial / name
-            if record and path.is_file() and sha256_file(path) == record["sha256"]:
-                reused += 1
-                bar.update(sum(i.nbytes for i in shard))
-                continue
-            entries, shard_quantized = [], 0
-            for item in shard:
-                if item.quantize:
-                    read = _read_expert if item.expert else _read_quantized
-                    qw = read(item, quant_type, blocksize, double_quant)
-                    part = list(qw.to_bnb(item.key.removesuffix(".weight")).items())
-                    shard_quantized += sum(t.numel() * t.element_size() for _, t in part)
-                    entries += part
-                else:
-                    entries.append((item.key, _read_dense(item, allow_nonfinite)))
-                bar.update(item.nbytes)
-            tmp = partial / (name + ".tmp")
-            digest = write_file(tmp, entries)
-            os.replace(tmp, path)
-            manifest["shards"][name] = {
-                "sha256": digest, "keys": [k for k, _ in entries], "quantized_bytes": shard_quantized
-            }  # fmt: skip
-            del entries
-            _save_manifest(partial, manifest)
-            written += 1
-            if exit_after and written >= exit_after:
-                bar.close()
-                os._exit(75)  # the test hook: die like a killed run, no cleanup
-    except ConversionError:
-        bar.close()
-        shutil.rmtree(partial, ignore_errors=True)  # the input is bad: nothing to resume
-        raise
-    bar.close()
-    for name in names:
-        weight_map.update(dict.fromkeys(manifest["shards"][name]["keys"], name))
-        quantized_bytes += manifest["shards"][name]["quantized_bytes"]
-    bytes_out = sum((partial / n).stat().st_size for n in names)
-    if len(names) > 1:
-        index = {
-            "metadata": {"total_size": bytes_out, "total_parameters": sum(i.numel for i in items)},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (partial / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    skip_list = (
-        sorted(set(_model.modules_to_not_convert(_model.skeleton(config, cls), [])) | set(skip))
-        if skip
-        else None
-    )
-    _write_config(config, partial, main_dtype, options, skip_list)
-    copy_extras(src, partial)
-    (partial / MANIFEST).unlink()
-    if dst.exists():  # overwrite: the old folder goes only once the new one is complete
-        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-        partial.rename(dst)
-        shutil.rmtree(old)
-    else:
-        partial.rename(dst)
+    bar = tqdm(total=bytes_in, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", file=sys.stderr,
+               disable=not progress)  # fmt: skip
+
+    def entries(item: _Item) -> tuple[list[Entry], int]:
+        """The item's tensors (a 4-bit weight computed now, a dense tensor when written) and its 4-bit bytes."""
+        if not item.quantize:
+            spec = TensorSpec(item.key, item.dtype, item.info.shape)
+            return [Entry(spec, lambda: _read_dense(item, allow_nonfinite))], 0
+        read = _read_expert if item.expert else _read_quantized
+        qw = read(item, quant_type, blocksize, double_quant)
+        part = [Entry.of(k, t) for k, t in qw.to_bnb(item.key.removesuffix(".weight")).items()]
+        return part, sum(e.spec.nbytes for e in part)
+
+    with bar, OutputFolder(dst, inputs=folder.files, options=options, max_shard_size=max_bytes,
+                           bad_input=ConversionError) as out:  # fmt: skip
+        written = out.write_weights(
+            items,
+            entries,
+            size=lambda i: i.out_bytes,
+            on_item=lambda i: bar.update(i.nbytes),
+            total_parameters=sum(i.numel for i in items),
+        )
+        skip_list = (
+            sorted(set(skeleton.modules_to_not_convert(skeleton.skeleton(config, cls), [])) | set(skip))
+            if skip
+            else None
+        )
+        _write_config(config, out.path, main_dtype, options, skip_list)
+        folder.copy_extras(out.path)
     return ConversionResult(
         dst=dst,
         bytes_in=bytes_in,
-        bytes_out=bytes_out,
+        bytes_out=written.bytes_out,
         parameters=sum(i.numel for i in items),
         quantized_parameters=sum(i.numel for i in items if i.quantize),
-        quantized_bytes=quantized_bytes,
+        quantized_bytes=sum(written.notes),
         quantized_modules=len([i for i in items if i.quantize]),
-        shards=len(names),
-        reused_shards=reused,
+        shards=len(written.shards),
+        reused_shards=written.reused,
         seconds=time.perf_counter() - start,
         skipped_modules=skipped,
     )

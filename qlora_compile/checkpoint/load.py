@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,26 +17,11 @@ from torch import nn
 from ..experts import QuantizedExperts, install
 from ..format import QuantizedWeight
 from ..modules import QuantizedLinear
-from . import _model
-from ._experts import expert_weights, quantized_experts, renamer
-from .convert import ConversionError, _source_files
+from . import skeleton
+from .expert_layout import expert_weights, quantized_experts, renamer
+from .model_folder import ConversionError, ModelFolder
 
 logger = logging.getLogger(__name__)
-_STATE = re.compile(r"^(.*)\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
-
-
-def _read_all(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
-    tensors = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except SafetensorError as e:
-            raise ConversionError(f"{path}: cannot read ({e})") from None
-    return tensors
 
 
 def _rename(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,30 +79,23 @@ def load_quantized(
     Returns:
         The model in eval mode; each quantized linear is a `QuantizedLinear` whose buffers hold the
         file's bytes, and each 3-D expert weight stored per expert in 4 bits (`convert_checkpoint`'s
-        layout, `checkpoint/_experts.py`) a `QuantizedExperts` holding them (compute dtype: the
+        layout, `checkpoint/expert_layout.py`) a `QuantizedExperts` holding them (compute dtype: the
         folder's `bnb_4bit_compute_dtype`). `qlora_compile.compile(model)` turns them into QLoRA layers without
         requantizing.
     """
-    import transformers
 
-    path = Path(path)
-    files = _source_files(path)
-    config = transformers.AutoConfig.from_pretrained(str(path))
-    quant = getattr(config, "quantization_config", None) or {}
-    if not isinstance(quant, dict):
-        quant = quant.to_dict()
-    if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit"):
-        raise ConversionError(
-            f"{path}: not a bitsandbytes 4-bit checkpoint (config.json quantization_config)"
-        )
+    folder = ModelFolder(path)
+    path = folder.path
+    quant = folder.check_bnb_4bit()
+    config = folder.config()
     if model_class is not None and hasattr(model_class, "_model_mapping"):  # an Auto class
         model_class = model_class._model_mapping[type(config)]
-    cls = model_class or _model.model_class(config)
-    model = _model.skeleton(config, cls, real_buffers=True)
+    cls = model_class or skeleton.model_class(config)
+    model = skeleton.skeleton(config, cls, real_buffers=True)
     rename = renamer(model)
-    tensors = {rename(k): v for k, v in _read_all(files).items()}  # transformers' renamings
+    tensors = {rename(k): v for k, v in folder.read_all().items()}  # transformers' renamings
     tensors = _rename(tensors, model)
-    prefixes = [_STATE.match(k).group(1) for k in tensors if _STATE.match(k)]
+    prefixes = list(folder.bnb_groups(tensors))
     _stack_dense_experts(tensors, model, {f"{p}.weight" for p in prefixes})
     experts = quantized_experts(model, prefixes)
     compute_dtype = getattr(
@@ -145,7 +121,7 @@ def load_quantized(
             raise ConversionError(
                 f"{path}: {prefix} is quantized in the file but is not a module of {cls.__name__}"
             ) from None
-        if not isinstance(module, _model.linear_kinds()):
+        if not isinstance(module, skeleton.linear_kinds()):
             raise ConversionError(
                 f"{path}: {prefix} is quantized in the file but is a {type(module).__name__}"
             )

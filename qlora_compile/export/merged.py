@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 
 from ..adapters import AdapterFolder
-from ..checkpoint._safetensors import SafetensorsWriter
-from ._base import (
+from ..checkpoint.output_folder import DEFAULT_MAX_SHARD_SIZE, Entry
+from ..checkpoint.safetensors_file import TensorSpec
+from .base import (
     BaseModel,
     QuantOptions,
     check_fits,
-    copy_side_files,
-    dense_tensor,
-    output_folder,
+    dense_entry,
+    estimated_bytes,
+    out_in,
     parse_dtype,
-    progress,
+    write_export,
 )
 
 
@@ -70,18 +71,30 @@ def merged_experts(base: BaseModel, adapter: AdapterFolder | None, name: str, dt
         yield e, w.to(dtype or qw.dtype), delta, qw
 
 
-def write_merged_experts(writer, base: BaseModel, adapter, name: str, dtype: torch.dtype | None) -> None:
+def merged_expert_entries(base: BaseModel, adapter, name: str, dtype: torch.dtype | None) -> list[Entry]:
     """Merged experts under the 16-bit keys (`BaseModel.save_layout`): per expert, or one 3-D tensor."""
     layout = base.save_layout(name)
-    stack = []
+    entries, stack = [], []
     for e, w, _, _ in merged_experts(base, adapter, name, dtype):
         if layout.fused:
             stack.append(w.t() if layout.transposed else w)
             continue
-        for key, part in zip(layout.parts[e], layout.split(w), strict=True):
-            writer.add(key, part)
+        entries += [Entry.of(k, part) for k, part in zip(layout.parts[e], layout.split(w), strict=True)]
     if layout.fused:
-        writer.add(layout.fused, torch.stack(stack))
+        entries.append(Entry.of(layout.fused, torch.stack(stack)))
+    return entries
+
+
+def _merged_entry(base: BaseModel, adapter, name: str, dtype: torch.dtype | None) -> Entry:
+    """A merged linear's weight in its stored layout, computed when it is written."""
+    shape = out_in(base, name)
+    shape = shape[::-1] if name in base.conv1d else shape
+
+    def fill() -> torch.Tensor:
+        w = merged_weight(base, adapter, name, dtype)[0]
+        return w.t() if name in base.conv1d else w
+
+    return Entry(TensorSpec(f"{name}.weight", dtype or base.weight_dtype(name), tuple(shape)), fill)
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -108,6 +121,8 @@ def export_merged(
     quant_type: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
 ) -> Path:
     """Merge `adapter` into `base` and write a plain Hugging Face folder to `out`.
 
@@ -117,9 +132,13 @@ def export_merged(
         adapter: a PEFT-format LoRA folder (`save_adapter` or PEFT), or None (dequantize only). The
             modules it trains in full (`modules_to_save`) are written with its tensors; expert LoRA
             (`target_parameters`) is merged into each expert's weight.
-        out: output folder, replaced atomically (written as `<out>.partial`, then renamed).
+        out: output folder, replaced atomically (written as `<out>.partial`, then renamed); a
+            killed export run again with the same inputs and options reuses the shards it finished.
         dtype: "auto"/None (merged weights in the base weight's dtype, other tensors as stored),
             or "float32" / "float16" / "bfloat16" for every floating tensor.
+        max_shard_size: largest shard ("2GB", "500MB", or bytes), as `save_pretrained` shards:
+            `model-0000k-of-0000n.safetensors` and `model.safetensors.index.json`.
+        progress: a tqdm bar on stderr.
 
     Raises:
         FileNotFoundError: a folder or a file in it is missing.
@@ -127,23 +146,20 @@ def export_merged(
     """
     dtype = parse_dtype(dtype)
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
-    items = list(base_model.items())
-    with output_folder(out) as tmp:
-        writer = SafetensorsWriter(tmp / "model.safetensors")
-        done = 0
-        for kind, name in items:
-            if kind == "dense":
-                writer.add(name, cast(dense_tensor(base_model, lora, name), dtype))
-                continue
-            if kind == "experts":
-                write_merged_experts(writer, base_model, lora, name, dtype)
-                continue
-            w, _, _ = merged_weight(base_model, lora, name, dtype)
-            writer.add(f"{name}.weight", w.t() if name in base_model.conv1d else w)
-            done += 1
-            if done % 20 == 0 or done == len(base_model.quantized):
-                progress(f"merged {done}/{len(base_model.quantized)} linear layers")
-        writer.close()
-        write_config(base_model, tmp, dtype)
-        copy_side_files(base_model, tmp)
+
+    def entries(item: tuple[str, str]) -> tuple[list[Entry], None]:
+        kind, name = item
+        if kind == "dense":
+            return [dense_entry(base_model, lora, name, dtype)], None
+        if kind == "experts":
+            return merged_expert_entries(base_model, lora, name, dtype), None
+        return [_merged_entry(base_model, lora, name, dtype)], None
+
+    options = {"format": "merged", "dtype": str(dtype), "quant": [quant_type, blocksize, double_quant]}
+    write_export(
+        base_model, lora, out, entries,
+        size=lambda item: estimated_bytes(base_model, *item, (dtype or torch.bfloat16).itemsize),
+        finish=lambda path, _: write_config(base_model, path, dtype),
+        options=options, max_shard_size=max_shard_size, progress=progress,
+    )  # fmt: skip
     return Path(out)

@@ -9,17 +9,17 @@ fine-tune is lost, so the ratio is reported per layer, with the share of the upd
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..checkpoint._safetensors import SafetensorsWriter
 from ..checkpoint.convert import bnb_quantization_config
+from ..checkpoint.output_folder import DEFAULT_MAX_SHARD_SIZE, Entry
 from ..codes import code4
 from ..format import QuantizedWeight, quantize_weight
-from ._base import copy_side_files, dense_tensor, output_folder, parse_dtype, progress
-from .merged import cast, merged_experts, merged_weight, open_inputs, write_config
+from .base import dense_entry, estimated_bytes, parse_dtype, write_export
+from .merged import merged_experts, merged_weight, open_inputs, write_config
 
 
 @dataclass
@@ -123,6 +123,8 @@ def export_nf4(
     quant_type: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
 ) -> tuple[Path, list[LayerReport]]:
     """Merge `adapter` into `base` (onto the dequantized 4-bit weights) and re-quantize.
 
@@ -136,56 +138,73 @@ def export_nf4(
     in full stay dense, with its tensors, and are listed in `llm_int8_skip_modules` (with every
     other linear left dense), so transformers + bitsandbytes loads them dense.
 
+    Sharded and resumable as `export_merged` (a resumed run reports the layers of the shards it
+    reuses too, from its manifest).
+
     Returns:
         (out, one LayerReport per merged layer).
     """
     dtype = parse_dtype(dtype)
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
-    items = list(base_model.items())
-    reports: list[LayerReport] = []
-    kinds = set()
-    weight_dtype = None
-    with output_folder(out) as tmp:
-        writer = SafetensorsWriter(tmp / "model.safetensors")
-        done = 0
-        for kind, name in items:
-            if kind == "dense":
-                writer.add(name, cast(dense_tensor(base_model, lora, name), dtype))
-                continue
-            if kind == "experts":
-                for entries, qw in expert_entries(base_model, lora, name, dtype, reports):
-                    kinds.add((qw.quant_type, qw.double_quant))
-                    for key, t in entries.items():
-                        writer.add(key, t)
-                continue
-            if lora is not None and name in lora.pairs:
-                new, report, qw = requantized(base_model, lora, name, dtype)
-                reports.append(report)
-                entries = new.to_bnb(name)
-            elif base_model.bnb:
-                qw = base_model.quantized_weight(name)
-                entries = base_model.raw_entries(name)
-            else:
-                qw = base_model.quantized_weight(name)
-                entries = qw.to_bnb(name)
-            kinds.add((qw.quant_type, qw.double_quant))
-            weight_dtype = weight_dtype or qw.dtype
-            for key, t in entries.items():
-                writer.add(key, t)
-            done += 1
-            if done % 20 == 0 or done == len(base_model.quantized):
-                progress(f"quantized {done}/{len(base_model.quantized)} linear layers")
-        writer.close()
-        (qt, dq), *others = sorted(kinds)
+
+    def entries(item: tuple[str, str]) -> tuple[list[Entry], dict | None]:
+        """The item's entries, and a note of what `finish` needs (kept in the manifest for a resumed
+        run): its reports, quantization settings and (a linear's) weight dtype."""
+        kind, name = item
+        if kind == "dense":
+            return [dense_entry(base_model, lora, name, dtype)], None
+        if kind == "experts":
+            reports: list[LayerReport] = []
+            out, kinds = [], set()
+            for bnb, qw in expert_entries(base_model, lora, name, dtype, reports):
+                kinds.add((qw.quant_type, qw.double_quant))
+                out += [Entry.of(k, t) for k, t in bnb.items()]
+            return out, {"reports": [asdict(r) for r in reports], "kinds": sorted(kinds), "dtype": None}
+        return _linear_entries(base_model, lora, name, dtype)
+
+    def finish(path: Path, written) -> None:
+        notes = [n for n in written.notes if n is not None]
+        reports.extend(LayerReport(**r) for n in notes for r in n["reports"])
+        (qt, dq), *others = sorted({tuple(k) for n in notes for k in n["kinds"]})
         if others:
             raise ValueError(
-                f"{base_model.dir}: mixed quantization settings {sorted(kinds)} cannot be described"
+                f"{base_model.dir}: mixed quantization settings {[(qt, dq), *others]} cannot be described"
             )
+        weight_dtype = next((n["dtype"] for n in notes if n["dtype"]), None)
         dense = [
             m for m in base_model.all_linears if m not in base_model.quantized and m not in base_model.head
         ]
         skip = sorted(dense + sorted(base_model.head)) if dense else None
         qconfig = bnb_quantization_config(qt, dq, dtype or weight_dtype, skip)
-        write_config(base_model, tmp, dtype, qconfig)
-        copy_side_files(base_model, tmp)
+        write_config(base_model, path, dtype, qconfig)
+
+    reports: list[LayerReport] = []
+    options = {"format": "nf4", "dtype": str(dtype), "quant": [quant_type, blocksize, double_quant]}
+    write_export(
+        base_model, lora, out, entries,
+        size=lambda item: estimated_bytes(base_model, *item, 0.52),  # 4.127 bits
+        finish=finish, options=options, max_shard_size=max_shard_size, progress=progress,
+    )  # fmt: skip
     return Path(out), reports
+
+
+def _linear_entries(base, lora, name: str, dtype: torch.dtype | None) -> tuple[list[Entry], dict]:
+    """A target linear: merged and re-quantized (with its report) where the adapter has LoRA on it,
+    else the base's 4-bit bytes (a bitsandbytes base) or its weight quantized as `compile` does."""
+    reports = []
+    if lora is not None and name in lora.pairs:
+        new, report, qw = requantized(base, lora, name, dtype)
+        reports.append(asdict(report))
+        bnb = new.to_bnb(name)
+    elif base.bnb:
+        qw = base.quantized_weight(name)
+        bnb = base.raw_entries(name)
+    else:
+        qw = base.quantized_weight(name)
+        bnb = qw.to_bnb(name)
+    note = {
+        "reports": reports,
+        "kinds": [(qw.quant_type, qw.double_quant)],
+        "dtype": str(qw.dtype).removeprefix("torch."),
+    }
+    return [Entry.of(k, t) for k, t in bnb.items()], note

@@ -12,8 +12,7 @@ MatMulBnb4 computes in fp32, so the graph is fp32.
 
 from __future__ import annotations
 
-import os
-import shutil
+import logging
 import warnings
 from collections import Counter
 from dataclasses import replace
@@ -22,12 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint.output_folder import atomic_files
 from ..lora import QLoRALinear
 from ..modules import QuantizedLinear
-from ._base import BaseModel, dense_tensor, empty_model, progress
+from .base import BaseModel, dense_tensor, empty_model
 from .merged import open_inputs
 from .nf4 import requantized
 
+logger = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
 _QUANT_TYPE = {"fp4": 0, "nf4": 1}
 
@@ -211,7 +212,8 @@ def export_onnx(
 
     Inputs `input_ids` and `attention_mask` (int64, [batch, sequence], both dynamic); output
     `logits` (fp32). Weights go into the file, or into `<out>.data` beside it when they exceed
-    2 GB (ONNX's protobuf limit). Written atomically (a temporary folder, then renamed).
+    2 GB (ONNX's protobuf limit). Written atomically (`atomic_files`: a hidden folder beside
+    `out`, its files moved in once checked). Steps are logged (`logging`, INFO).
 
     Raises:
         FileNotFoundError / ValueError: as `export_merged`; `merge=True` without an adapter.
@@ -229,12 +231,14 @@ def export_onnx(
             f"{next(iter(base_model.experts))}) is not supported: MatMulBnb4 takes one matrix and the "
             "routed per-expert products have no lowering; export merged 16-bit weights instead"
         )
-    progress(f"building {base_model.config.model_type} with {len(base_model.quantized)} 4-bit linear layers")
+    logger.info(
+        "building %s with %d 4-bit linear layers", base_model.config.model_type, len(base_model.quantized)
+    )
     model = _Logits(build_model(base_model, lora, merge)).eval()
     ids = torch.zeros((2, 8), dtype=torch.long)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     axes = {0: batch, 1: seq}
-    progress("exporting with torch.onnx (dynamo)")
+    logger.info("exporting with torch.onnx (dynamo)")
     with warnings.catch_warnings():  # the exporter's notes on torchvision, axis names, deprecations
         warnings.simplefilter("ignore")
         program = _export(model, ids, axes)
@@ -247,15 +251,8 @@ def export_onnx(
     for node in program.model.graph.all_nodes():  # the exporter's stack traces: 2 kB a node
         node.metadata_props.clear()
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_files(out.parent, out.name) as tmp:  # the file (and its external data) moved in when checked
         program.save(str(tmp / out.name))  # external data only past 2 GB
         onnx.checker.check_model(str(tmp / out.name))
-        for f in tmp.iterdir():
-            os.replace(f, out.with_name(f.name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    progress(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {counts['MatMulBnb4']} MatMulBnb4)")
+    logger.info("wrote %s (%.1f MiB, %d MatMulBnb4)", out, out.stat().st_size / 2**20, counts["MatMulBnb4"])
     return out

@@ -15,8 +15,9 @@ import gzip
 import importlib.metadata
 import logging
 import re
-import shutil
 from pathlib import Path
+
+from ..checkpoint.output_folder import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +59,11 @@ def smollm2_folder(cache: Path) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)  # a killed build leaves only the .partial folder
+    with atomic_folder(target) as partial:  # a killed build leaves only the .partial folder
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(partial)
     return target
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..checkpoint.output_folder import DEFAULT_MAX_SHARD_SIZE
+
 
 def _info(args: argparse.Namespace) -> int:
     import torch
@@ -166,7 +168,8 @@ def _add_convert(sub) -> None:
     p.add_argument(
         "--skip", nargs="+", default=None, metavar="PATTERN", help="modules kept dense, besides the defaults"
     )
-    p.add_argument("--max-shard-size", default="2GB", help="largest output shard (default: 2GB)")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help=f"largest output shard (default: {DEFAULT_MAX_SHARD_SIZE})")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf in tensors that stay dense")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -183,10 +186,12 @@ def _export(args: argparse.Namespace) -> int:
     from .. import export
 
     quant = dict(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant)
+    if args.format != "onnx":
+        folder = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, progress=not args.no_progress)
     if args.format == "merged":
-        out = export.export_merged(args.base, args.adapter, args.out, dtype=args.dtype, **quant)
+        out = export.export_merged(args.base, args.adapter, args.out, **folder, **quant)
     elif args.format == "nf4":
-        out, layers = export.export_nf4(args.base, args.adapter, args.out, dtype=args.dtype, **quant)
+        out, layers = export.export_nf4(args.base, args.adapter, args.out, **folder, **quant)
         if layers:
             print(export.format_report(layers))
     else:
@@ -223,6 +228,9 @@ def _add_export(sub) -> None:
         else:
             p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                            help="dtype of the written weights (default: the base's)")  # fmt: skip
+            p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                           help=f"largest output shard (default: {DEFAULT_MAX_SHARD_SIZE})")  # fmt: skip
+            p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument(
             "--quant-type", default="nf4", choices=["nf4", "fp4"], help="for a 16-bit base (default: nf4)"
         )

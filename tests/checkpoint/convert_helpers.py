@@ -94,7 +94,7 @@ def synthetic_llama(
     each linear weight repeats one 4M-element random block, scaled per slice (quantization cost
     does not depend on the values); the embedding and the head, which stay dense, are zeros left
     as holes of a sparse file (read back as zeros, but never written to disk)."""
-    from qlora_compile.checkpoint._safetensors import write_streaming
+    from qlora_compile.checkpoint.safetensors_file import write_streaming
 
     path.mkdir(parents=True)
     config = transformers.LlamaConfig(

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import qlora_compile
-from qlora_compile.checkpoint import convert as convert_module
+from qlora_compile.checkpoint import model_folder
 from qlora_compile.experts import QuantizedExperts
 from qlora_compile.lora import QLoRALinear
 from tests.checkpoint.convert_helpers import bnb_reference, raw, read_tensors
@@ -34,18 +34,18 @@ def converted(request, tmp_path_factory):
     src = tmp / "src"
     save_moe(src, request.param)
     reads = []
-    original = convert_module._read_slice
+    original = model_folder.read
 
     def spy(info, *args, **kwargs):
         t = original(info, *args, **kwargs)
         reads.append((info.name, t.numel()))
         return t
 
-    convert_module._read_slice = spy
+    model_folder.read = spy
     try:
         qlora_compile.convert_checkpoint(src, tmp / "dst", compute_dtype="float32", progress=False)
     finally:
-        convert_module._read_slice = original
+        model_folder.read = original
     return request.param, src, tmp / "dst", reads
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_compile.checkpoint._safetensors import read_header
+from qlora_compile.checkpoint.safetensors_file import read_header
 from tests.checkpoint.convert_helpers import synthetic_llama
 
 ROOT = Path(__file__).resolve().parents[2]

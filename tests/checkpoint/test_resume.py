@@ -1,16 +1,12 @@
 """A killed conversion leaves no DST; running it again reuses the shards that verify and gives the same folder."""
 
 import hashlib
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import qlora_compile
-from qlora_compile.checkpoint.convert import EXIT_AFTER_SHARD_ENV, MANIFEST
-
-ROOT = Path(__file__).resolve().parents[2]
+from qlora_compile.checkpoint.output_folder import MANIFEST
+from tests.killed_run import killed_run
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -20,19 +16,7 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def _killed_run(src: Path, dst: Path, after: int) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **{EXIT_AFTER_SHARD_ENV: str(after)})
-    cmd = [
-        sys.executable,
-        "-m",
-        "qlora_compile.tools.cli",
-        "convert",
-        str(src),
-        str(dst),
-        "--max-shard-size",
-        "40KB",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 75, proc.stderr[-2000:]
+    killed_run(after, "convert", str(src), str(dst), "--max-shard-size", "40KB")
 
 
 def test_killed_run_resumes_from_verified_shards(tmp_path, llama_src):

@@ -40,14 +40,14 @@ def bnb_dir(llama_dir, tmp_path_factory):
     return path
 
 
-def test_merged_matches_our_model(llama_dir, trained, tmp_path, capsys):
+def test_merged_matches_our_model(llama_dir, trained, tmp_path, capsys, caplog):
     model, adapter = trained
     out = tmp_path / "merged"
-    assert (
-        cli.main(["export", "merged", "--base", str(llama_dir), "--adapter", str(adapter), "--out", str(out)])
-        == 0
-    )
-    assert "merged 14/14 linear layers" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="qlora_compile.export"):
+        argv = ["export", "merged", "--base", str(llama_dir), "--adapter", str(adapter), "--out", str(out)]
+        assert cli.main(argv) == 0
+    assert "14 linear layers and 0 expert weights, 1 shard(s) (0 reused)" in caplog.text  # logging
+    assert "export merged: 100%" in capsys.readouterr().err  # the tqdm bar
     merged = load(out)
     assert not hasattr(merged.config, "quantization_config")
     assert (tmp_path / "merged.partial").exists() is False

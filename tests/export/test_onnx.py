@@ -7,7 +7,7 @@ import torch
 from onnx import numpy_helper
 
 import qlora_compile
-from qlora_compile.export._base import BaseModel
+from qlora_compile.export.base import BaseModel
 from qlora_compile.export.onnx import build_model
 from qlora_compile.tools import cli
 from tests.export.export_helpers import input_ids

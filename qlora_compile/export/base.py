@@ -1,43 +1,44 @@
-"""Reading a base model folder and a LoRA adapter for export, tensor by tensor; writing outputs.
+"""The base model of an export: a `ModelFolder` seen as `compile` would train on it, read tensor by tensor.
 
 A base folder is either a 16-bit Hugging Face folder (each target linear is quantized here exactly
 as `qlora_compile.compile` quantizes it) or a bitsandbytes 4-bit folder (config.json carries
 `quantization_config`; each quantized linear is a group of `<module>.weight*` entries, rebuilt with
-`QuantizedWeight.from_bnb`). Tensors are read one at a time through `safetensors.safe_open`.
+`QuantizedWeight.from_bnb`). Tensors are read one at a time (`ModelFolder`); the adapter is read by
+`AdapterFolder` and the output written by `OutputFolder`.
 
 Modules an adapter trains in full (`modules_to_save`) stay dense in every export, with the
 adapter's tensors in place of the base's: a 16-bit base does not quantize them; a bitsandbytes
 base's 4-bit entries for them are dropped, the adapter giving their dense weight.
 
-MoE expert weights (`checkpoint/_experts.py`) are read one expert at a time too: from the
+MoE expert weights (`checkpoint/expert_layout.py`) are read one expert at a time too: from the
 per-expert (or 3-D) tensors of a 16-bit folder, quantized as `compile` does, or from our 4-bit
 layout (`<experts module>.<e>.<param>.weight*`, what `convert_checkpoint` writes).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
-import shutil
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..adapters import AdapterFolder
-from ..checkpoint._experts import ExpertWeight, expert_weights, quantized_experts, save_layout
-from ..checkpoint._model import model_class
+from ..checkpoint import model_folder
+from ..checkpoint.expert_layout import ExpertWeight, expert_weights, quantized_experts, save_layout
+from ..checkpoint.model_folder import ConversionError, ModelFolder
+from ..checkpoint.output_folder import Entry, OutputFolder, Written
+from ..checkpoint.safetensors_file import DTYPES, TensorSpec
+from ..checkpoint.skeleton import model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
-from ..format import QuantizedWeight, quantize_weight
+from ..format import QUANT_STATE, QuantizedWeight, quantize_weight
 from ..pipeline import inside
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_STATE_KEY = re.compile(r"^(.*)\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -47,10 +48,6 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name not in _DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -96,29 +93,21 @@ class BaseModel:
         options: QuantOptions | None = None,
         modules_to_save: list[str] | None = None,
     ):
-        import transformers
 
-        self.dir = Path(directory)
+        self.folder = ModelFolder(directory)
+        self.dir = self.folder.path
         self.options = options or QuantOptions()
         self.modules_to_save = modules_to_save
-        if not (self.dir / "config.json").exists():
-            raise FileNotFoundError(f"{self.dir / 'config.json'} does not exist (not a model folder)")
-        self.config_dict = json.loads((self.dir / "config.json").read_text())
-        qc = self.config_dict.get("quantization_config")
-        self.bnb = qc is not None
-        if self.bnb and not (qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")):
-            raise ValueError(f"{self.dir}: only bitsandbytes 4-bit quantized folders are supported, got {qc}")
-        self.config = transformers.AutoConfig.from_pretrained(self.dir)
+        self.config_dict = self.folder.config_dict
+        self.bnb = self.folder.quantization is not None
+        if self.bnb:
+            self.folder.check_bnb_4bit()
+        self.config = self.folder.config()
         if hasattr(self.config, "quantization_config"):
             del self.config.quantization_config
-        self.files = self._weight_files()
-        self._where: dict[str, Path] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        for f in self.files:
-            with safe_open(str(f), "pt") as st:
-                for k in st.keys():  # noqa: SIM118 (safe_open objects are not iterable)
-                    self._where[k] = f
-                    shapes[k] = tuple(st.get_slice(k).get_shape())
+        self.files = self.folder.files
+        self.infos = self.folder.infos  # key -> TensorInfo
+        shapes = self.folder.shapes
         self.skeleton = empty_model(self.config)
         self.quantized = self._find_quantized()  # module name -> its weight keys (bnb base)
         self.expert_groups: dict[str, list[str]] = {}  # bnb base: one expert's 4-bit prefix -> its keys
@@ -128,35 +117,17 @@ class BaseModel:
         self.dequantized = {m: keys for m, keys in self.quantized.items() if inside(m, self.saved)}
         self.quantized = {m: keys for m, keys in self.quantized.items() if m not in self.dequantized}
         if not self.bnb:
-            missing = [m for m in self.linears if f"{m}.weight" not in self._where]
+            missing = [m for m in self.linears if f"{m}.weight" not in self.infos]
             if missing:
                 raise ValueError(f"{self.dir}: no weight for module(s) {missing[:5]}")
             self.quantized = {m: [f"{m}.weight"] for m in self.linears}
 
-    def _weight_files(self) -> list[Path]:
-        index = self.dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [self.dir / f for f in dict.fromkeys(weight_map.values())]
-        single = self.dir / "model.safetensors"
-        if single.exists():
-            return [single]
-        raise FileNotFoundError(f"{self.dir}: no {' or '.join(_WEIGHT_FILES)} (only safetensors are read)")
-
     def _find_quantized(self) -> dict[str, list[str]]:
         if not self.bnb:
             return {}
-        groups: dict[str, list[str]] = {}
-        for key in self._where:
-            m = _STATE_KEY.match(key)
-            if m:
-                groups[m.group(1)] = []
-        for key in self._where:
-            prefix = key.rsplit(".weight", 1)[0]
-            if prefix in groups and (key == f"{prefix}.weight" or key.startswith(f"{prefix}.weight.")):
-                groups[prefix].append(key)
+        groups = self.folder.bnb_groups()
         if not groups:
-            raise ValueError(
+            raise ConversionError(
                 f"{self.dir}: config.json has quantization_config but no 4-bit weights were found"
             )
         return groups
@@ -174,7 +145,7 @@ class BaseModel:
         # dense experts (a 16-bit base; transformers + bitsandbytes leaves them dense): compile quantizes them
         selected = {n for n, m in select_targets(self.skeleton, QLoRAConfig()) if is_experts(m)}
         grouped = {k for keys in self.expert_groups.values() for k in keys}
-        dense = expert_weights(self.skeleton, [k for k in self._where if k not in grouped], shapes)
+        dense = expert_weights(self.skeleton, [k for k in self.infos if k not in grouped], shapes)
         experts.update({n: w for n, w in dense.items() if w.module in selected and n not in experts})
         return experts
 
@@ -200,11 +171,10 @@ class BaseModel:
         return [n for n, m in select_targets(model, config) if not is_experts(m)], conv1d, heads
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self.infos)
 
     def tensor(self, key: str) -> torch.Tensor:
-        with safe_open(str(self._where[key]), "pt") as st:
-            return st.get_tensor(key)
+        return self.folder.tensor(key)
 
     def raw_entries(self, module: str) -> dict[str, torch.Tensor]:
         """A bnb base's stored entries of one quantized module (or one expert's 4-bit prefix), as read."""
@@ -224,8 +194,19 @@ class BaseModel:
         )
 
     def _slice(self, key: str, index: int) -> torch.Tensor:
-        with safe_open(str(self._where[key]), "pt") as st:
-            return st.get_slice(key)[index]
+        return model_folder.read(self.infos[key], index, index + 1)[0]
+
+    def quant_state(self, module: str) -> dict:
+        """A bnb base's quant state of a 4-bit module (its JSON entry: shape, dtype, blocksize, ...)."""
+        keys = self.quantized.get(module) or self.dequantized[module]
+        state_key = next(k for k in keys if QUANT_STATE in k)
+        return json.loads(bytes(self.tensor(state_key).tolist()).decode())
+
+    def weight_dtype(self, module: str) -> torch.dtype:
+        """The dtype of a target linear's 4-bit weight (`QuantizedWeight.dtype`): a 16-bit base's stored one."""
+        if self.bnb:
+            return getattr(torch, self.quant_state(module)["dtype"].removeprefix("torch."))
+        return DTYPES[self.infos[f"{module}.weight"].dtype]
 
     def save_layout(self, name: str) -> ExpertWeight:
         """The keys a 16-bit folder holds `name` under: this base's own (dense), else transformers'."""
@@ -261,7 +242,7 @@ class BaseModel:
             owner.update(dict.fromkeys(keys, ("experts", name)))
         dropped = {k for m, keys in self.dequantized.items() for k in keys if k != f"{m}.weight"}
         seen = set()
-        for key in self._where:
+        for key in self.infos:
             if key in dropped:
                 continue
             item = owner.get(key, ("dense", key))
@@ -275,7 +256,7 @@ def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
     expert LoRA (`target_parameters`) is where PEFT puts it for the base's expert weights, with their
     shapes; every tensor of a module trained in full replaces a base tensor of its shape (a dropped
     4-bit weight's: (out, in))."""
-    problems = adapter.shape_problems(lambda m: _out_in(base, m), unknown="{} is not a linear of the base")
+    problems = adapter.shape_problems(lambda m: out_in(base, m), unknown="{} is not a linear of the base")
     problems += adapter.expert_problems(base.skeleton, base.experts)
     saved = adapter.saved_tensors()
     problems += [
@@ -286,10 +267,9 @@ def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
     for key, t in saved.items():
         module = key.removesuffix(".weight")
         if module in base.dequantized:
-            shape = _out_in(base, module)
-        elif key in base._where:
-            with safe_open(str(base._where[key]), "pt") as st:
-                shape = tuple(st.get_slice(key).get_shape())
+            shape = out_in(base, module)
+        elif key in base.infos:
+            shape = base.infos[key].shape
         else:
             problems.append(f"{key} (modules_to_save) is not a tensor of the base")
             continue
@@ -314,46 +294,78 @@ def dense_tensor(base: BaseModel, adapter: AdapterFolder | None, key: str) -> to
     return (w.float() + (delta.t() if module in base.conv1d else delta)).to(w.dtype)
 
 
-def _out_in(base: BaseModel, module: str) -> tuple[int, int] | None:
+def out_in(base: BaseModel, module: str) -> tuple[int, int] | None:
     """(out, in) of a linear's weight, 4-bit or dense; None if `module` is not a linear of the base."""
     if module not in base.quantized and module not in base.dequantized:
-        if module not in base.all_linears or f"{module}.weight" not in base._where:
+        if module not in base.all_linears or f"{module}.weight" not in base.infos:
             return None
-        with safe_open(str(base._where[f"{module}.weight"]), "pt") as st:
-            shape = tuple(st.get_slice(f"{module}.weight").get_shape())
-        return shape[::-1] if module in base.conv1d else shape
-    if base.bnb:
-        keys = base.quantized.get(module) or base.dequantized[module]
-        state_key = next(k for k in keys if ".quant_state." in k)
-        shape = json.loads(bytes(base.tensor(state_key).tolist()).decode())["shape"]
-        return tuple(shape)
-    with safe_open(str(base._where[f"{module}.weight"]), "pt") as st:
-        shape = tuple(st.get_slice(f"{module}.weight").get_shape())
+    elif base.bnb:
+        return tuple(base.quant_state(module)["shape"])
+    shape = base.infos[f"{module}.weight"].shape
     return shape[::-1] if module in base.conv1d else shape
 
 
-@contextlib.contextmanager
-def output_folder(out: str | Path) -> Iterator[Path]:
-    """A fresh `<out>.partial` folder to write into, renamed to `out` when the block succeeds."""
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    partial.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def cast_dtype(dtype: torch.dtype, to: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor stored in `dtype` is written in, `to` applying to floating tensors only."""
+    return to if to is not None and dtype.is_floating_point else dtype
 
 
-def copy_side_files(base: BaseModel, out: Path) -> None:
-    """Tokenizer, generation config and other small files; not the weights, not config.json."""
-    from ..checkpoint.convert import copy_extras
+def dense_entry(base: BaseModel, adapter: AdapterFolder | None, key: str, dtype: torch.dtype | None) -> Entry:
+    """A dense entry of the output (`dense_tensor`, cast to `dtype`): the adapter's tensors are in
+    memory already; the base's are read when the entry is written."""
+    saved = adapter.saved_tensors() if adapter is not None else {}
+    if key in saved:
+        return Entry.of(key, saved[key].to(cast_dtype(saved[key].dtype, dtype)))
+    info = base.infos[key]
+    to = cast_dtype(DTYPES[info.dtype], dtype)
+    return Entry(TensorSpec(key, to, info.shape), lambda: dense_tensor(base, adapter, key).to(to))
 
-    copy_extras(base.dir, out)
+
+def estimated_bytes(base: BaseModel, kind: str, name: str, itemsize: float) -> int:
+    """About how many bytes an item of `BaseModel.items()` takes in the output, at `itemsize` bytes
+    per element of its weights (dense tensors at their stored size): what cuts the shards."""
+    if kind == "dense":
+        info = base.infos.get(name)
+        return info.nbytes if info is not None else 0
+    if kind == "experts":
+        weight = base.experts[name]
+        return int(weight.num_experts * weight.shape[0] * weight.shape[1] * itemsize)
+    out_f, in_f = out_in(base, name)
+    return int(out_f * in_f * itemsize)
+
+
+def write_export(
+    base: BaseModel,
+    adapter: AdapterFolder | None,
+    out: str | Path,
+    entries,
+    *,
+    size,
+    finish,
+    options: dict,
+    max_shard_size: int | str,
+    progress: bool,
+) -> Written:
+    """Write `base.items()` into the folder `out` through an `OutputFolder` (sharded, resumable),
+    then `finish(folder path, Written)` (config.json and the rest), with a tqdm bar when `progress`."""
+    from tqdm import tqdm
+
+    from ..checkpoint.convert import parse_size
+
+    items = list(base.items())
+    inputs = [*base.files, base.dir / "config.json"]
+    if adapter is not None:
+        inputs += adapter.files
+    bar = tqdm(total=len(items), unit="tensor", desc=f"export {options['format']}", file=sys.stderr,
+               disable=not progress)  # fmt: skip
+    max_bytes = parse_size(max_shard_size)
+    with bar, OutputFolder(out, inputs=inputs, options={**options, "max_shard_size": max_bytes},
+                           max_shard_size=max_bytes) as folder:  # fmt: skip
+        written = folder.write_weights(items, entries, size=size, on_item=lambda _: bar.update())
+        finish(folder.path, written)
+        base.folder.copy_extras(folder.path)
+    logger.info(
+        "%s: %d linear layers and %d expert weights, %d shard(s) (%d reused)",
+        out, len(base.quantized), len(base.experts), len(written.shards), written.reused,
+    )  # fmt: skip
+    return written

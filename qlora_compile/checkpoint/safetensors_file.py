@@ -5,9 +5,9 @@ rows, and each tensor gets its own handle, closed after it, so the mapped pages 
 already read leave the process. The header is also checked here against the file size, so a
 truncated file is reported before any work.
 
-Writing is our own, because `safetensors.torch.save_file` first turns every tensor into a Python
-`bytes` copy: `write_file` writes the header, then each tensor's memory as it is (no copy), and
-returns the SHA-256 of the file, computed on the way.
+Writing (`SafetensorsStream`) is header first: a shard's names, dtypes and shapes are known
+before its tensors are computed, so each tensor is written once, as it comes, from its own memory,
+and the file's SHA-256 is computed on the way (the output folder's manifest keeps it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +108,32 @@ def row_chunks(info: TensorInfo, max_elements: int, multiple: int = 1):
         yield start, min(rows, start + step)
 
 
-def encode_header(tensors: dict[str, dict], metadata: dict[str, str] | None = None) -> bytes:
-    """The 8-byte length and the JSON header (padded to 8 bytes) of a safetensors file whose
-    tensors are `{name: {"dtype", "shape", "data_offsets"}}`, in file order."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to write, known before its bytes: name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def encode_header(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length and the JSON header (padded to 8 bytes) of a safetensors file holding
+    `specs` in that order."""
+    tensors, offset = {}, 0
+    for spec in specs:
+        if spec.dtype not in NAMES:
+            raise TypeError(f"cannot write {spec.name!r}: dtype {spec.dtype} is not supported")
+        tensors[spec.name] = {
+            "dtype": NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
     raw = json.dumps(
         {"__metadata__": metadata or {"format": "pt"}, **tensors}, separators=(",", ":")
     ).encode()
@@ -119,39 +141,55 @@ def encode_header(tensors: dict[str, dict], metadata: dict[str, str] | None = No
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_file(
-    path: Path, entries: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
-) -> str:
-    """Write `entries` (in order) as a safetensors file at `path`, fsync it; returns its SHA-256."""
-    header: dict = {}
-    offset = 0
-    flats = []
-    for name, t in entries:
-        t = t.detach().contiguous()
-        if t.dtype not in NAMES:
-            raise TypeError(f"cannot write {name!r}: dtype {t.dtype} is not supported")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": NAMES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-        flats.append(t)
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        raw = encode_header(header, metadata)
-        f.write(raw)
-        digest.update(raw)
-        for t in flats:
-            if t.numel() == 0:
-                continue
-            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            f.write(view)
-            digest.update(view)
-        f.flush()
-        os.fsync(f.fileno())
-    return digest.hexdigest()
+class SafetensorsStream:
+    """Writes one safetensors file header first: the names, dtypes and shapes are given up front,
+    then each tensor's bytes are written once, in order, straight from its memory (no copy), and
+    hashed on the way. Memory: the tensor being written.
+
+    Why not `safetensors.torch.save_file`: it takes every tensor at once. (Its old `bytes` copy of
+    each tensor is gone: with safetensors 0.8.0 here, saving 8 tensors of 384 MiB in all added
+    0 MiB of peak RSS, as this writer, in 0.1 to 0.7 s against 0.65 to 0.8 s, 2 shared cores.)
+    So a folder whose tensors are all in memory at once (an adapter) goes through `save_file`;
+    a shard whose tensors are produced one by one comes here.
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"{path}: duplicate tensor names {sorted(n for n in set(names) if names.count(n) > 1)[:5]}"
+            )
+        self.path = path
+        self._specs = iter(specs)
+        self._digest = hashlib.sha256()
+        self._file = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self._put(encode_header(specs, metadata))
+
+    def _put(self, data) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The next tensor's bytes; `name`, dtype and shape must be the next spec's."""
+        spec = next(self._specs, None)
+        t = tensor.detach().to("cpu").contiguous()
+        if spec is None or (spec.name, spec.dtype, tuple(spec.shape)) != (name, t.dtype, tuple(t.shape)):
+            raise ValueError(
+                f"{self.path}: wrote {name!r} {t.dtype} {tuple(t.shape)}, the header expects {spec}"
+            )
+        if t.numel():
+            self._put(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+    def close(self) -> str:
+        """Flush and fsync the file; returns its SHA-256."""
+        left = next(self._specs, None)
+        if left is not None:
+            self._file.close()
+            raise ValueError(f"{self.path}: {left.name!r} and the tensors after it were never written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._digest.hexdigest()
 
 
 def write_streaming(
@@ -160,18 +198,8 @@ def write_streaming(
     """Write a safetensors file whose tensors are produced slice by slice: `fill(name, start, count)`
     returns the flat elements [start, start + count) of tensor `name`, or None for zeros (left as
     a hole in a sparse file: nothing is written). Memory: one slice."""
-    header: dict = {}
-    offset = 0
-    for name, dtype, shape in specs:
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {
-            "dtype": NAMES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
     with open(path, "wb") as f:
-        f.write(encode_header(header))
+        f.write(encode_header([TensorSpec(*s) for s in specs]))
         for name, dtype, shape in specs:
             n, step = math.prod(shape), max(1, chunk_bytes // dtype.itemsize)
             for start in range(0, n, step):
@@ -189,43 +217,3 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-class SafetensorsWriter:
-    """Writes one .safetensors file tensor by tensor, holding one tensor at a time in memory.
-
-    The tensors' bytes go to a side file as they come; `close()` writes the header, appends the
-    bytes, and renames the result into place.
-    """
-
-    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
-        self.path = path
-        self._data_path = path.with_name(path.name + ".data.partial")
-        self._data = open(self._data_path, "wb")  # noqa: SIM115 (closed in close())
-        self._header: dict[str, dict] = {}
-        self._metadata = metadata
-        self._offset = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._header:
-            raise ValueError(f"duplicate tensor name {name!r}")
-        t = tensor.detach().to("cpu").contiguous()
-        if t.dtype not in NAMES:
-            raise TypeError(f"cannot write {name!r}: dtype {t.dtype} is not supported")
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        self._data.write(data)
-        self._header[name] = {
-            "dtype": NAMES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [self._offset, self._offset + len(data)],
-        }
-        self._offset += len(data)
-
-    def close(self) -> None:
-        self._data.close()
-        partial = self.path.with_name(self.path.name + ".partial")
-        with open(partial, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(encode_header(self._header, self._metadata))
-            shutil.copyfileobj(data, out, 16 << 20)
-        os.remove(self._data_path)
-        os.replace(partial, self.path)
