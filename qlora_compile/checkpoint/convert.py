@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..codes import BLOCKSIZES, QUANT_TYPES
+from ..errors import QLoRAError
 from ..format import QuantizedWeight, quantize_weight
 from ..kernels import cpu as _torch_kernels
 from ..kernels import dispatch
@@ -57,7 +58,7 @@ _CHUNK_ELEMENTS = 1 << 22  # elements read per slice (16 MB of fp32)
 _FLOAT_SOURCES = ("F32", "F16", "BF16", "F64")
 
 
-class ConversionError(ValueError):
+class ConversionError(QLoRAError, ValueError):
     """Bad input to the converter (the CLI prints it on one line and exits with code 2)."""
 
 

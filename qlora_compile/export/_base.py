@@ -32,6 +32,7 @@ from ..adapters import AdapterFolder
 from ..checkpoint._experts import ExpertWeight, expert_weights, quantized_experts, save_layout
 from ..checkpoint._model import model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
+from ..errors import InvalidArgumentError, InvalidFolderError, MissingFileError
 from ..format import QuantizedWeight, quantize_weight
 from ..pipeline import inside
 
@@ -45,7 +46,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or name == "auto" or isinstance(name, torch.dtype):
         return None if name == "auto" else name
     if name not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
+        raise InvalidArgumentError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
 
 
@@ -63,9 +64,9 @@ class QuantOptions:
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+            raise InvalidArgumentError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
         if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+            raise InvalidArgumentError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
 
 
 def empty_model(config, device: str = "meta"):
@@ -102,12 +103,14 @@ class BaseModel:
         self.options = options or QuantOptions()
         self.modules_to_save = modules_to_save
         if not (self.dir / "config.json").exists():
-            raise FileNotFoundError(f"{self.dir / 'config.json'} does not exist (not a model folder)")
+            raise MissingFileError(f"{self.dir / 'config.json'} does not exist (not a model folder)")
         self.config_dict = json.loads((self.dir / "config.json").read_text())
         qc = self.config_dict.get("quantization_config")
         self.bnb = qc is not None
         if self.bnb and not (qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit")):
-            raise ValueError(f"{self.dir}: only bitsandbytes 4-bit quantized folders are supported, got {qc}")
+            raise InvalidFolderError(
+                f"{self.dir}: only bitsandbytes 4-bit quantized folders are supported, got {qc}"
+            )
         self.config = transformers.AutoConfig.from_pretrained(self.dir)
         if hasattr(self.config, "quantization_config"):
             del self.config.quantization_config
@@ -130,7 +133,7 @@ class BaseModel:
         if not self.bnb:
             missing = [m for m in self.linears if f"{m}.weight" not in self._where]
             if missing:
-                raise ValueError(f"{self.dir}: no weight for module(s) {missing[:5]}")
+                raise InvalidFolderError(f"{self.dir}: no weight for module(s) {missing[:5]}")
             self.quantized = {m: [f"{m}.weight"] for m in self.linears}
 
     def _weight_files(self) -> list[Path]:
@@ -141,7 +144,7 @@ class BaseModel:
         single = self.dir / "model.safetensors"
         if single.exists():
             return [single]
-        raise FileNotFoundError(f"{self.dir}: no {' or '.join(_WEIGHT_FILES)} (only safetensors are read)")
+        raise MissingFileError(f"{self.dir}: no {' or '.join(_WEIGHT_FILES)} (only safetensors are read)")
 
     def _find_quantized(self) -> dict[str, list[str]]:
         if not self.bnb:
@@ -156,7 +159,7 @@ class BaseModel:
             if prefix in groups and (key == f"{prefix}.weight" or key.startswith(f"{prefix}.weight.")):
                 groups[prefix].append(key)
         if not groups:
-            raise ValueError(
+            raise InvalidFolderError(
                 f"{self.dir}: config.json has quantization_config but no 4-bit weights were found"
             )
         return groups
@@ -296,7 +299,9 @@ def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
         if tuple(t.shape) != tuple(shape):
             problems.append(f"{key} (modules_to_save): shape {tuple(t.shape)} != the base's {tuple(shape)}")
     if problems:
-        raise ValueError(f"adapter {adapter.dir} does not fit base {base.dir}: " + "; ".join(problems[:10]))
+        raise InvalidFolderError(
+            f"adapter {adapter.dir} does not fit base {base.dir}: " + "; ".join(problems[:10])
+        )
 
 
 def dense_tensor(base: BaseModel, adapter: AdapterFolder | None, key: str) -> torch.Tensor:

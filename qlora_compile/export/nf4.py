@@ -17,6 +17,7 @@ import torch
 from ..checkpoint._safetensors import SafetensorsWriter
 from ..checkpoint.convert import bnb_quantization_config
 from ..codes import code4
+from ..errors import InvalidFolderError
 from ..format import QuantizedWeight, quantize_weight
 from ._base import copy_side_files, dense_tensor, output_folder, parse_dtype, progress
 from .merged import cast, merged_experts, merged_weight, open_inputs, write_config
@@ -178,7 +179,7 @@ def export_nf4(
         writer.close()
         (qt, dq), *others = sorted(kinds)
         if others:
-            raise ValueError(
+            raise InvalidFolderError(
                 f"{base_model.dir}: mixed quantization settings {sorted(kinds)} cannot be described"
             )
         dense = [

