@@ -12,6 +12,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .errors import InvalidArgumentError
+
 QuantType = Literal["nf4", "fp4"]
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -50,7 +52,7 @@ def code4(quant_type: str) -> torch.Tensor:
     if quant_type == "fp4":
         raw = torch.tensor(_FP4_RAW, dtype=torch.float32)
         return raw / raw.abs().max()
-    raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    raise InvalidArgumentError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
 @functools.cache

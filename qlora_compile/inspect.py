@@ -59,6 +59,7 @@ from . import pipeline
 from .checkpoint._model import model_class
 from .codes import NESTED_BLOCKSIZE
 from .config import QLoRAConfig
+from .errors import InvalidArgumentError, InvalidConfigError, MissingFileError
 from .experts import is_experts
 from .format import QuantizedWeight, _check_float_dtype
 from .lora import QLoRALinear
@@ -153,17 +154,26 @@ def read_config(path: str | Path):
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json")
-        return transformers.AutoConfig.from_pretrained(path)
+            raise MissingFileError(f"{path} has no config.json")
+        return _transformers_config(path, lambda: transformers.AutoConfig.from_pretrained(path))
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise InvalidConfigError(f"{path} is not valid JSON: {e}") from None
     if "model_type" not in data:
-        raise ValueError(f"{path} has no 'model_type' (is it a transformers config.json?)")
-    return transformers.AutoConfig.for_model(**data)
+        raise InvalidConfigError(f"{path} has no 'model_type' (is it a transformers config.json?)")
+    return _transformers_config(path, lambda: transformers.AutoConfig.for_model(**data))
+
+
+def _transformers_config(path: Path, read):
+    """`read()`, with transformers' refusals of a config (an unknown model_type, a bad value) as ours."""
+    try:
+        return read()
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidConfigError(f"{path}: transformers cannot read this config ({first})") from e
 
 
 def resolve_dtype(name: str, config) -> torch.dtype:
@@ -174,7 +184,7 @@ def resolve_dtype(name: str, config) -> torch.dtype:
             found = DTYPES.get(found, torch.float32)
         return found if found in DTYPES.values() else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+        raise InvalidArgumentError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -377,9 +387,9 @@ def inspect_model(
         config: the QLoRAConfig compile would get (default: the paper's).
     """
     if batch_size < 1 or seq_len < 1:
-        raise ValueError("batch size and sequence length must be at least 1")
+        raise InvalidArgumentError("batch size and sequence length must be at least 1")
     if layers is not None and layers < 1:
-        raise ValueError("layers must be at least 1")
+        raise InvalidArgumentError("layers must be at least 1")
     config = config or QLoRAConfig()
     hf_config = read_config(path)
     weights_dtype = resolve_dtype(dtype, hf_config)

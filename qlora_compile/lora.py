@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .format import QuantizedWeight, quantize_weight
 from .modules import QuantizedLinear
 
@@ -63,7 +64,7 @@ class LoRALayer:
         re-created (not when `r` is already the rank): new parameters, so an optimizer built over
         the old ones must be rebuilt."""
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+            raise InvalidArgumentError(f"r must be a positive int, got {r!r}")
         if r == self.r:
             return False
         old = self.lora_A.weight

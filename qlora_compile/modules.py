@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .format import QuantizedWeight, quantize_weight
 
 
@@ -23,7 +24,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
         if len(weight.shape) != 2:
-            raise ValueError(f"QuantizedLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
+            raise InvalidArgumentError(f"QuantizedLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.quant_type, self.blocksize, self.weight_dtype = weight.quant_type, weight.blocksize, weight.dtype
         self.register_buffer("weight_packed", weight.packed)

@@ -30,6 +30,7 @@ from torch import nn
 from . import experts as _experts
 from .checkpoint._model import modules_to_not_convert, should_convert
 from .config import QLoRAConfig
+from .errors import InvalidArgumentError, InvalidConfigError
 from .format import quantize_weight
 from .lora import LoRALayer, LoRALinear, QLoRALinear
 from .modules import QuantizedLinear
@@ -157,11 +158,11 @@ def select_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.
                 }
             )
             if any(_experts.matches(n, missing) and inside(n, saved) for n, _ in model.named_modules()):
-                raise ValueError(
+                raise InvalidConfigError(
                     f"target_modules {missing} select only modules inside modules_to_save {saved}, which stay "
                     "dense and train in full: name them in one of the two, not both"
                 )
-            raise ValueError(
+            raise InvalidConfigError(
                 f"target_modules {missing} match no Linear/Conv1D module; the model has: {names}"
             )
     _check_target_parameters(model, config)
@@ -208,7 +209,9 @@ def saved_modules(model: nn.Module, config: QLoRAConfig) -> list[str]:
     if missing:
         candidates = sorted({n.rsplit(".", 1)[-1] for n in modules} | set(modules))
         closest = {t: difflib.get_close_matches(t, candidates, n=3, cutoff=0.4) for t in missing}
-        raise ValueError(f"modules_to_save {missing} match no module of the model; closest: {closest}")
+        raise InvalidConfigError(
+            f"modules_to_save {missing} match no module of the model; closest: {closest}"
+        )
     _check_untied(model, saved)
     return saved
 
@@ -221,7 +224,7 @@ def _check_untied(model: nn.Module, saved: list[str]) -> None:
     for module in saved:
         for name, p in model.get_submodule(module).named_parameters():
             if id(p) in outside:
-                raise ValueError(
+                raise InvalidConfigError(
                     f"modules_to_save: {module}.{name} is tied to {outside[id(p)]}; training it in full would "
                     "train that one too (PEFT trains a copy instead): untie the weights or leave it out"
                 )
@@ -273,7 +276,7 @@ def _check_target_parameters(model: nn.Module, config: QLoRAConfig) -> None:
     missing = [t for t in config.target_parameters if not any(_experts.matches(k, [t]) for k in keys)]
     if missing:
         names = sorted({k.rsplit(".", 1)[-1] for k in keys})
-        raise ValueError(
+        raise InvalidConfigError(
             f"target_parameters {missing} match no 3-D expert weight of a transformers experts module; "
             f"the model has: {names or 'none'}"
         )
@@ -284,7 +287,7 @@ def _new_layer(module: nn.Module, config: QLoRAConfig) -> QLoRALinear:
     if not weight.dtype.is_floating_point:
         raise TypeError(f"weight dtype {weight.dtype} is not a float dtype (already quantized?)")
     if weight.device.type == "meta":
-        raise ValueError("weight is on the meta device (no values to quantize)")
+        raise InvalidArgumentError("weight is on the meta device (no values to quantize)")
     return QLoRALinear.from_dense(
         weight,
         module.bias,
@@ -516,10 +519,10 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
     config = (config or QLoRAConfig()).with_overrides(**overrides)
     # QuantizedExperts alone may come from load_quantized, like QuantizedLinear: compiled as they are
     if hasattr(model, "qlora") or any(isinstance(m, LoRALayer) for m in model.modules()):
-        raise ValueError("model was already processed by qlora_compile.compile")
+        raise InvalidArgumentError("model was already processed by qlora_compile.compile")
     compiled = getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or model._compiled_call_impl or compiled:
-        raise ValueError(
+        raise InvalidArgumentError(
             "model is already torch.compile'd: pass the original module to qlora_compile.compile"
         )
     saved = saved_modules(model, config)
@@ -531,7 +534,7 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
             "; ".join(f"{r.name}: {r.skipped}" for r in report.skipped)
             or "no nn.Linear/Conv1D/experts selected"
         )
-        raise ValueError(f"no eligible linear layer to quantize ({reasons})")
+        raise InvalidArgumentError(f"no eligible linear layer to quantize ({reasons})")
     _freeze_and_upcast_norms(model, saved)
     if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         _enable_checkpointing(model)

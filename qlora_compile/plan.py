@@ -57,6 +57,7 @@ from torch import nn
 
 from . import inspect as _inspect
 from .config import QLoRAConfig
+from .errors import InvalidArgumentError
 from .experts import QuantizedExperts
 from .lora import LoRALayer, QLoRALinear
 from .optim.adamw import RESIDENT_BELOW, state_nbytes_for
@@ -71,11 +72,11 @@ def parse_memory(text: str) -> int:
     """Bytes in "48GB" (10^9), "48GiB" (2^30), "512 MiB", "1.5TB"; a unit is required."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     if match is None:
-        raise ValueError(f"memory size {text!r} is not a number with a unit, such as 48GB or 48GiB")
+        raise InvalidArgumentError(f"memory size {text!r} is not a number with a unit, such as 48GB or 48GiB")
     number, unit = float(match.group(1)), match.group(2).lower()
     if unit not in _UNITS:
         hint = "a unit is required" if not unit else f"unknown unit {match.group(2)!r}"
-        raise ValueError(
+        raise InvalidArgumentError(
             f"memory size {text!r}: {hint}; use B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB"
         )
     return int(number * _UNITS[unit])
@@ -88,7 +89,7 @@ def optimizer_state_bytes(numels: list[int], optim_bits: int) -> int:
 
 def _state_bytes(n: int, optim_bits: int) -> int:
     if optim_bits not in (32, 8):
-        raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
+        raise InvalidArgumentError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
     return state_nbytes_for(n, optim_bits)
 
 
@@ -315,9 +316,9 @@ def plan_memory(
         optim_budget: device bytes for paged optimizer states (None: 10% of the paged states).
     """
     if seq_len < 1 or batch_size < 1:
-        raise ValueError("--seq-len and --batch-size must be at least 1")
+        raise InvalidArgumentError("--seq-len and --batch-size must be at least 1")
     if gpu_memory <= 0:
-        raise ValueError("--gpu-memory must be positive")
+        raise InvalidArgumentError("--gpu-memory must be positive")
     config = QLoRAConfig(r=r, optim_bits=optim_bits, paged=paged, lora_dropout=lora_dropout,
                          gradient_checkpointing=gradient_checkpointing)  # fmt: skip
     hf_config = _inspect.read_config(path)

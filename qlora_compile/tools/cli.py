@@ -8,7 +8,8 @@
     qlora-compile export merged|nf4|onnx --base DIR [--adapter DIR] --out PATH
                                                    merged 16-bit folder, NF4 folder, ONNX graph
 
-Exit codes: 0 success, 2 bad input (one-line message on stderr), 1 anything else.
+Exit codes: 0 success; 2 bad input (a `qlora_compile.errors.QLoRAError`: one line on stderr, the
+traceback too with -v); 1 anything else (a bug, or the machine: the traceback).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import argparse
 import dataclasses
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from rich.console import Console
+
+from ..errors import InvalidArgumentError, QLoRAError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -131,7 +135,7 @@ def _positive_int(text: str, flag: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"{flag} must be a positive integer or 'all', got {text!r}")
+        raise InvalidArgumentError(f"{flag} must be a positive integer or 'all', got {text!r}")
     return value
 
 
@@ -233,7 +237,9 @@ def _add_export(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-compile", description="QLoRA as a compiler pipeline.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details; tracebacks for every error"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="quantize SmolLM2-135M, QLoRA fine-tune it on chatterbot-corpus, report (offline)"
@@ -316,9 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except QLoRAError as e:  # the user's input: one line (and the traceback with -v)
+        if args.verbose:
+            traceback.print_exc()
         print(f"qlora-compile {args.command}: {e}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001  (a bug or the machine: keep the whole traceback)
+        traceback.print_exc()
+        print(f"qlora-compile {args.command}: unexpected error (traceback above)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

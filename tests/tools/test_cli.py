@@ -21,6 +21,35 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert "--steps must be at least 1" in capsys.readouterr().err
 
 
+def test_bad_input_is_one_line_unless_verbose(tmp_path, capsys):
+    argv = ["plan", str(tmp_path / "config.json"), "--gpu-memory", "48"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "qlora-compile plan: memory size '48': a unit is required; use B, KB, MB, GB, TB (powers of 10) "
+        "or KiB, MiB, GiB, TiB"
+    ]
+    assert cli.main(["-v", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "InvalidArgumentError" in err
+    assert err.rstrip().splitlines()[-1].startswith("qlora-compile plan: memory size '48'")
+
+
+def test_internal_error_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    """A bug is not bad input: not exit 2, and not one tidy line that hides where it happened."""
+    import qlora_compile.plan
+
+    def broken(*args, **kwargs):
+        raise KeyError("num_hidden_layers")
+
+    monkeypatch.setattr(qlora_compile.plan, "plan_memory", broken)
+    assert cli.main(["plan", str(tmp_path / "config.json"), "--gpu-memory", "48GB"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert "KeyError: 'num_hidden_layers'" in err
+    assert err.rstrip().splitlines()[-1] == "qlora-compile plan: unexpected error (traceback above)"
+
+
 def test_parse_pairs(tmp_path):
     """Each turn answers the one before; numbers read by YAML become text; repeats are kept once."""
     (tmp_path / "a.yml").write_text(
