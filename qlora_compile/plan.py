@@ -302,13 +302,16 @@ def plan_memory(
     batch_size: int = 1,
     r: int = 64,
     optim_bits: int = 32,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool = QLoRAConfig.gradient_checkpointing,
     optim_budget: int | None = None,
     paged: bool = True,
     dtype: str = "bfloat16",
     lora_dropout: float = 0.05,
 ) -> Plan:
     """Predict the device memory of QLoRA training of the model at `path` (folder or config.json).
+
+    The defaults are compile()'s (`QLoRAConfig`'s): r=64, dropout 0.05, paged 32-bit AdamW, gradient
+    checkpointing on.
 
     Args:
         gpu_memory: the device's bytes (see `parse_memory`).

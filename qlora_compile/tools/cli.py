@@ -297,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--optim-bits", type=int, default=32, choices=(32, 8), help="optimizer state bits (default: 32)"
     )
     plan.add_argument(
-        "--gradient-checkpointing", action="store_true", help="plan with gradient checkpointing"
-    )
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        help="plan with gradient checkpointing, as compile() trains by default (--no-gradient-checkpointing: without)",
+    )  # fmt: skip
     plan.add_argument(
         "--optim-budget", help="device memory for paged optimizer states (default: 10%% of the paged states)"
     )
