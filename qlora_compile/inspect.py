@@ -135,8 +135,9 @@ def rewrite_storage_meta(model: nn.Module, config: QLoRAConfig) -> list[pipeline
             record.skipped = str(e)
             continue
         qw = _meta_quantized_weight(weight.shape, weight.dtype, config)
-        layer = QLoRALinear(qw, module.bias, **config.lora_kwargs())
-        layer.fan_in_fan_out = not isinstance(module, nn.Linear)
+        layer = QLoRALinear(
+            qw, module.bias, fan_in_fan_out=not isinstance(module, nn.Linear), **config.lora_kwargs()
+        )
         pipeline.replace_module(model, name, module, layer)
         record.bytes_after = layer.quantized_weight.nbytes
     pipeline.add_dense_lora(model, config, dense)

@@ -291,6 +291,7 @@ def _new_layer(module: nn.Module, config: QLoRAConfig) -> QLoRALinear:
     return QLoRALinear.from_dense(
         weight,
         module.bias,
+        fan_in_fan_out=not isinstance(module, nn.Linear),  # Conv1D stores (in, out), as PEFT notes
         quant_type=config.quant_type,
         blocksize=config.blocksize,
         double_quant=config.double_quant,
@@ -310,7 +311,8 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
             continue
         if type(module) is QuantizedLinear:  # keep its bytes: no dequantize / requantize
             qw = module.quantized_weight
-            replace_module(model, name, module, QLoRALinear(qw, module.bias, **config.lora_kwargs()))
+            layer = QLoRALinear(qw, module.bias, fan_in_fan_out=module.fan_in_fan_out, **config.lora_kwargs())
+            replace_module(model, name, module, layer)
             rewrites.append(Rewrite(name, kind, tuple(qw.shape), qw.nbytes, bytes_after=qw.nbytes))
             continue
         if not isinstance(module, kinds):
@@ -325,7 +327,6 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
             record.skipped = str(e)
             logger.warning("qlora_compile: skipping %s: %s", name, e)
             continue
-        layer.fan_in_fan_out = not isinstance(module, nn.Linear)  # Conv1D stores (in, out), as PEFT notes
         replace_module(model, name, module, layer)
         record.bytes_after = layer.quantized_weight.nbytes
         del module, weight, layer  # the dense weight goes now, not at the end of the loop
