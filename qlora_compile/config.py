@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from .codes import BLOCKSIZES, QUANT_TYPES
+from .dtypes import FLOAT_DTYPES
 from .errors import InvalidConfigError
 
 FilterFn = Callable[[nn.Module, str], bool]
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("inductor", "aot_eager", "eager")
 
 
@@ -84,7 +84,7 @@ class QLoRAConfig:
     def __post_init__(self) -> None:
         _one_of("quant_type", self.quant_type, QUANT_TYPES)
         _one_of("blocksize", self.blocksize, BLOCKSIZES)
-        _one_of("compute_dtype", self.compute_dtype, _COMPUTE_DTYPES)
+        _one_of("compute_dtype", self.compute_dtype, tuple(FLOAT_DTYPES.values()))
         _one_of("optim_bits", self.optim_bits, (32, 8))
         _one_of("backend", self.backend, _BACKENDS)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:

@@ -14,13 +14,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from .codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code4, dynamic_map
+from .dtypes import FLOAT_DTYPES, check_float_dtype, dtype_name
 from .errors import InvalidArgumentError, InvalidFolderError
 from .kernels import cpu as _torch_kernels
 from .kernels import dispatch, ops, ops_cat, ops_experts  # noqa: F401  (registers torch.ops.qlora)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _MAX_REPORTED = 5
 logger = logging.getLogger(__name__)
 
@@ -77,7 +75,7 @@ class QuantizedWeight:
         Equal, bit for bit, to `bitsandbytes.functional.dequantize_4bit`.
         """
         dtype = self.dtype if dtype is None else dtype
-        _check_float_dtype(dtype, "dequantize dtype")
+        check_float_dtype(dtype, "dequantize dtype")
         flat = dispatch.dequantize_4bit(
             self.packed, self.absmax, self.nested_absmax, self.offset,
             self.quant_type, self.blocksize, self.numel, dtype,
@@ -113,7 +111,7 @@ class QuantizedWeight:
         state = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
-            "dtype": _DTYPE_NAMES[self.dtype],
+            "dtype": dtype_name(self.dtype),
             "shape": list(self.shape),
         }
         if self.double_quant:
@@ -197,16 +195,10 @@ def _raise_nonfinite(w: torch.Tensor) -> None:
     )
 
 
-def _check_float_dtype(dtype: torch.dtype, what: str) -> None:
-    if dtype not in FLOAT_DTYPES:
-        names = ", ".join(str(d) for d in FLOAT_DTYPES)
-        raise TypeError(f"{what} must be one of {names}; got {dtype}")
-
-
 def _check_input(w: torch.Tensor, quant_type: str, blocksize: int) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(w).__name__}")
-    _check_float_dtype(w.dtype, "weight dtype")
+    check_float_dtype(w.dtype, "weight dtype")
     if w.numel() == 0:
         raise InvalidArgumentError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
     if quant_type not in QUANT_TYPES:
@@ -228,7 +220,7 @@ def _from_bnb(tensors: dict[str, torch.Tensor], key: str) -> QuantizedWeight:
     quant_type, blocksize = state["quant_type"], int(state["blocksize"])
     if quant_type not in QUANT_TYPES or blocksize not in BLOCKSIZES:
         raise InvalidFolderError(f"{states[0]}: unsupported quant_type/blocksize {quant_type}/{blocksize}")
-    if state["dtype"] not in _NAME_DTYPES:
+    if state["dtype"] not in FLOAT_DTYPES:
         raise InvalidFolderError(f"{states[0]}: unsupported dtype {state['dtype']!r}")
     shape = torch.Size(state["shape"])
     n = math.prod(shape)
@@ -241,7 +233,7 @@ def _from_bnb(tensors: dict[str, torch.Tensor], key: str) -> QuantizedWeight:
             f"{packed.numel()} packed bytes, {absmax.numel()} absmax values"
         )
     qw = QuantizedWeight(
-        packed.reshape(-1, 1), absmax, quant_type, blocksize, shape, _NAME_DTYPES[state["dtype"]]
+        packed.reshape(-1, 1), absmax, quant_type, blocksize, shape, FLOAT_DTYPES[state["dtype"]]
     )
     if "nested_offset" not in state:
         return replace(qw, absmax=absmax.float())

@@ -48,7 +48,6 @@ leftovers), then its tensors are counted. The rest is a model:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +55,7 @@ import torch
 from torch import nn
 
 from . import inspect as _inspect
+from .checkpoint._model import linear_kinds
 from .config import QLoRAConfig
 from .errors import InvalidArgumentError
 from .experts import QuantizedExperts
@@ -64,22 +64,6 @@ from .optim.adamw import RESIDENT_BELOW, state_nbytes_for
 
 PAGED_MIN_NUMEL = RESIDENT_BELOW  # the paged optimizer's rule: smaller tensors' states stay resident
 DEFAULT_BUDGET_FRACTION = 0.10
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-
-def parse_memory(text: str) -> int:
-    """Bytes in "48GB" (10^9), "48GiB" (2^30), "512 MiB", "1.5TB"; a unit is required."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if match is None:
-        raise InvalidArgumentError(f"memory size {text!r} is not a number with a unit, such as 48GB or 48GiB")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    if unit not in _UNITS:
-        hint = "a unit is required" if not unit else f"unknown unit {match.group(2)!r}"
-        raise InvalidArgumentError(
-            f"memory size {text!r}: {hint}; use B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB"
-        )
-    return int(number * _UNITS[unit])
 
 
 def optimizer_state_bytes(numels: list[int], optim_bits: int) -> int:
@@ -113,7 +97,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def persistent_breakdown(model: nn.Module) -> dict[str, int]:
     """Bytes of the (compiled) model's parameters and buffers by kind; each tensor once."""
-    kinds = _inspect.pipeline._linear_kinds()
+    kinds = linear_kinds()
     seen: set[int] = set()
     out = dict.fromkeys(
         ("4-bit weights", "4-bit statistics", "LoRA parameters (fp32)", "embeddings", "dense leftovers (output head)",
@@ -314,7 +298,7 @@ def plan_memory(
     checkpointing on.
 
     Args:
-        gpu_memory: the device's bytes (see `parse_memory`).
+        gpu_memory: the device's bytes (`qlora_compile.units.parse_size("48GB")`).
         dtype: the dense weights' dtype as loaded before compile ("auto": the config's).
         optim_budget: device bytes for paged optimizer states (None: 10% of the paged states).
     """

@@ -30,14 +30,15 @@ from safetensors import safe_open
 
 from ..adapters import AdapterFolder
 from ..checkpoint._experts import ExpertWeight, expert_weights, quantized_experts, save_layout
-from ..checkpoint._model import model_class
+from ..checkpoint._model import linear_kinds, model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
+from ..dtypes import FLOAT_DTYPES
 from ..errors import InvalidArgumentError, InvalidFolderError, MissingFileError
 from ..format import QuantizedWeight, quantize_weight
 from ..pipeline import inside
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = FLOAT_DTYPES
 _STATE_KEY = re.compile(r"^(.*)\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
 
 
@@ -185,7 +186,7 @@ class BaseModel:
         """(linears compile() would quantize, which of the model's linears are Conv1D, output head names)."""
         from ..config import QLoRAConfig
         from ..experts import is_experts
-        from ..pipeline import _linear_kinds, _output_head, saved_modules, select_targets
+        from ..pipeline import _output_head, saved_modules, select_targets
 
         model = self.skeleton
         config = QLoRAConfig(modules_to_save=self.modules_to_save)
@@ -193,7 +194,7 @@ class BaseModel:
         self.saved = [] if self.bnb and self.modules_to_save is None else saved_modules(model, config)
         head = _output_head(model)
         heads = {n for n, m in model.named_modules() if m is head and head is not None}
-        kinds = _linear_kinds()
+        kinds = linear_kinds()
         conv1d = {
             n for n, m in model.named_modules() if isinstance(m, kinds) and not isinstance(m, torch.nn.Linear)
         }
