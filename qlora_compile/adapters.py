@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint.output_folder import atomic_files
+from .errors import InvalidArgumentError, InvalidConfigError, InvalidFolderError, MissingFileError
 from .experts import matches
 from .lora import LoRALayer, lora_scaling
 
@@ -102,17 +103,17 @@ class AdapterFolder:
         self._parameter_modules = set(parameter_modules or ())
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (self.dir / name).exists():
-                raise FileNotFoundError(f"{self.dir / name} does not exist (not a LoRA adapter folder)")
+                raise MissingFileError(f"{self.dir / name} does not exist (not a LoRA adapter folder)")
         self.config = json.loads((self.dir / CONFIG_NAME).read_text())
         self._check_config()
         targets = self.config.get("target_parameters")
         if targets and parameter_modules is None:
-            raise ValueError(
+            raise InvalidConfigError(
                 f"{self.dir}: target_parameters={targets!r} (LoRA on MoE experts) needs the model's "
                 "experts modules (parameter_modules) to be read"
             )
         if targets and not parameter_modules:
-            raise ValueError(
+            raise InvalidConfigError(
                 f"{self.dir}: target_parameters={targets!r} (LoRA on MoE experts) match no expert "
                 "weight of the model (with LoRA)"
             )
@@ -130,17 +131,19 @@ class AdapterFolder:
     def _check_config(self) -> None:
         peft_type = self.config.get("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ValueError(f"{self.dir}: only LoRA adapters are supported, got peft_type {peft_type!r}")
+            raise InvalidConfigError(
+                f"{self.dir}: only LoRA adapters are supported, got peft_type {peft_type!r}"
+            )
         for option, is_set, why in _UNSUPPORTED:
             value = self.config.get(option)
             if value is not None and is_set(value):
-                raise ValueError(
+                raise InvalidConfigError(
                     f"{self.dir}: {option}={value!r} is not supported ({why}); only plain LoRA "
                     "adapters (use_rslora, rank_pattern and alpha_pattern allowed) can be read"
                 )
         for option in ("r", "lora_alpha"):
             if option not in self.config:
-                raise ValueError(f"{self.dir}: {CONFIG_NAME} has no {option!r}")
+                raise InvalidConfigError(f"{self.dir}: {CONFIG_NAME} has no {option!r}")
 
     def _saved_module(self, key: str) -> str | None:
         """The outermost prefix of `key` (a tensor's path) that modules_to_save names, or None."""
@@ -170,19 +173,19 @@ class AdapterFolder:
                     twice.append(key)
                 pair[m.group(2)] = st.get_tensor(key)
         if unknown:
-            raise ValueError(
+            raise InvalidFolderError(
                 f"{self.dir}: unsupported adapter entries {unknown[:5]} (only lora_A/lora_B, and the "
                 "modules that modules_to_save names)"
             )
         if twice:
-            raise ValueError(
+            raise InvalidFolderError(
                 f"{self.dir}: entries {twice[:5]} repeat a module (several adapters in one file?)"
             )
         half = [m for m, p in pairs.items() if set(p) != {"A", "B"}]
         if half:
-            raise ValueError(f"{self.dir}: modules {half[:5]} lack lora_A or lora_B")
+            raise InvalidFolderError(f"{self.dir}: modules {half[:5]} lack lora_A or lora_B")
         if not pairs and not self.parameter_tensors and not self.saved:
-            raise ValueError(f"{self.dir}: the adapter holds no LoRA weights")
+            raise InvalidFolderError(f"{self.dir}: the adapter holds no LoRA weights")
         return pairs
 
     def _check_ranks(self) -> None:
@@ -192,7 +195,7 @@ class AdapterFolder:
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
                 problems.append(f"{module}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} for rank {r}")
         if problems:
-            raise ValueError(
+            raise InvalidFolderError(
                 f"{self.dir}: tensors do not have the config's ranks: " + "; ".join(problems[:10])
             )
 
@@ -298,7 +301,7 @@ def _layers(model: nn.Module) -> dict[str, LoRALayer]:
     """The LoRA layers: `QLoRALinear` (4-bit base) and `LoRALinear` (a linear kept dense)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
     if not layers:
-        raise ValueError("the model has no QLoRA layers: run qlora_compile.compile(model) first")
+        raise InvalidArgumentError("the model has no QLoRA layers: run qlora_compile.compile(model) first")
     return layers
 
 
@@ -315,11 +318,11 @@ def _scale_config(layers: dict[str, LoRALayer]) -> dict:
     from the most common value (each pattern anchored to one full module name)."""
     rslora = {layer.use_rslora for layer in layers.values()}
     if len(rslora) > 1:
-        raise ValueError("some layers use rsLoRA and others do not: PEFT's format cannot say so")
+        raise InvalidArgumentError("some layers use rsLoRA and others do not: PEFT's format cannot say so")
     for name, layer in layers.items():
         expected = lora_scaling(layer.r, layer.lora_alpha, layer.use_rslora)
         if abs(layer.scaling - expected) > 1e-12 * abs(expected):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: scaling {layer.scaling} is not PEFT's {expected} for r={layer.r}, "
                 f"lora_alpha={layer.lora_alpha}: set it with set_scale"
             )
@@ -445,7 +448,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     problems = _fit_problems(adapter, layers) + _saved_problems(adapter, saved)
     problems += [f"unexpected {k}" for k in sorted(tensors)] + experts.problems
     if problems:
-        raise ValueError(f"adapter in {adapter.dir} does not fit the model: " + "; ".join(problems[:10]))
+        raise InvalidFolderError(
+            f"adapter in {adapter.dir} does not fit the model: " + "; ".join(problems[:10])
+        )
     resized = []
     r, alpha = adapter.config["r"], adapter.config["lora_alpha"]
     experts.apply(alpha, lora_scaling(r, alpha, adapter.use_rslora))

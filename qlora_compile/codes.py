@@ -12,6 +12,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .errors import InvalidArgumentError
+
 QuantType = Literal["nf4", "fp4"]
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -50,7 +52,7 @@ def code4(quant_type: str) -> torch.Tensor:
     if quant_type == "fp4":
         raw = torch.tensor(_FP4_RAW, dtype=torch.float32)
         return raw / raw.abs().max()
-    raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    raise InvalidArgumentError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
 @functools.cache
@@ -70,17 +72,24 @@ def bucket_bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
-def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic code (256 sorted fp32 values), used for nested absmax."""
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic code (`create_dynamic_map(signed)`): 256 sorted fp32 values.
+
+    Signed (nested absmax, AdamW8bit's first moment): seven exponent ranges 1e-6 .. 1, each with
+    the midpoints of 2**i + 1 evenly spaced points in [0.1, 1] on both sides of zero; then 0 and 1.
+    Unsigned (AdamW8bit's second moment, never negative): no sign bit, so twice as many fractions
+    per range (2**(i + 1) + 1 points), positive only.
+    """
+    max_exponent_bits, non_sign_bits = 7, 7 if signed else 8
     data: list[float] = []
-    max_exponent_bits, non_sign_bits = 7, 7
     for i in range(max_exponent_bits):
         n_fraction = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
         bounds = torch.linspace(0.1, 1, n_fraction, dtype=torch.float32)
         means = (bounds[:-1] + bounds[1:]) / 2.0
         scale = 10 ** (-(max_exponent_bits - 1) + i)
         data += (scale * means).tolist()
-        data += (-scale * means).tolist()
+        if signed:
+            data += (-scale * means).tolist()
     data += [0.0, 1.0]
     assert len(data) == 256
     data.sort()
@@ -88,14 +97,15 @@ def dynamic_map() -> torch.Tensor:
 
 
 @functools.cache
-def dynamic_lut() -> torch.Tensor:
-    """65536-entry uint8 table from a fixed-point position in [-1, 1] to the nearest 8-bit code.
+def dynamic_lut(signed: bool = True) -> torch.Tensor:
+    """65536-entry uint8 table from a fixed-point position in [-1, 1] to the nearest 8-bit code of
+    `dynamic_map(signed)`.
 
     bitsandbytes' CPU quantizer maps a normalised value `v` to the slot
     `int((v + 1) * 0.5 * 65535 + 0.5)` and reads the code from this table; we reproduce the table
     exactly (fp32 slot centres, fp32 midpoints, first midpoint not below the centre).
     """
-    code = dynamic_map().numpy()
+    code = dynamic_map(signed).numpy()
     mid = np.float32(0.5) * (code[:-1] + code[1:])
     slots = np.arange(65536, dtype=np.float32)
     centres = np.float32(-1.0) + (np.float32(2.0) * slots) / np.float32(65535)

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from .codes import BLOCKSIZES, QUANT_TYPES
+from .dtypes import FLOAT_DTYPES
+from .errors import InvalidConfigError
 
 FilterFn = Callable[[nn.Module, str], bool]
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("inductor", "aot_eager", "eager")
 
 
@@ -83,49 +84,49 @@ class QLoRAConfig:
     def __post_init__(self) -> None:
         _one_of("quant_type", self.quant_type, QUANT_TYPES)
         _one_of("blocksize", self.blocksize, BLOCKSIZES)
-        _one_of("compute_dtype", self.compute_dtype, _COMPUTE_DTYPES)
+        _one_of("compute_dtype", self.compute_dtype, tuple(FLOAT_DTYPES.values()))
         _one_of("optim_bits", self.optim_bits, (32, 8))
         _one_of("backend", self.backend, _BACKENDS)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"r must be a positive int, got {self.r!r}")
+            raise InvalidConfigError(f"r must be a positive int, got {self.r!r}")
         if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+            raise InvalidConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+            raise InvalidConfigError(f"lr must be positive, got {self.lr!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+            raise InvalidConfigError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if self.device_budget is not None:
             if (
                 isinstance(self.device_budget, bool)
                 or not isinstance(self.device_budget, int)
                 or self.device_budget <= 0
             ):
-                raise ValueError(
+                raise InvalidConfigError(
                     f"device_budget must be a positive int (bytes) or None, got {self.device_budget!r}"
                 )
             if not self.paged:
-                raise ValueError("device_budget needs paged=True")
+                raise InvalidConfigError("device_budget needs paged=True")
         if self.step_in_backward and self.max_grad_norm is not None and not self.clip_per_parameter:
-            raise ValueError(
+            raise InvalidConfigError(
                 "step_in_backward steps each parameter before the other gradients exist, so global-norm "
                 "clipping (max_grad_norm) is impossible: set clip_per_parameter=True to clip each "
                 "gradient on its own, or max_grad_norm=None"
             )
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise InvalidConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check_target_parameters(self)
         _check_modules_to_save(self)
         targets = self.target_modules
         if isinstance(targets, str):
             if targets != "all-linear":
-                raise ValueError(
+                raise InvalidConfigError(
                     f"target_modules must be 'all-linear', a list of names or a filter_fn; got {targets!r}"
                 )
         elif not callable(targets):
             if not all(isinstance(t, str) for t in targets) or not targets:
-                raise ValueError(f"target_modules list must hold module names, got {targets!r}")
+                raise InvalidConfigError(f"target_modules list must hold module names, got {targets!r}")
             object.__setattr__(self, "target_modules", tuple(targets))
 
     @property
@@ -156,10 +157,10 @@ class QLoRAConfig:
 def _check_target_parameters(config: QLoRAConfig) -> None:
     names = config.target_parameters
     if isinstance(names, str) or not all(isinstance(t, str) and t for t in names):
-        raise ValueError(f"target_parameters must be a list of parameter names, got {names!r}")
+        raise InvalidConfigError(f"target_parameters must be a list of parameter names, got {names!r}")
     object.__setattr__(config, "target_parameters", tuple(names))
     if names and config.lora_dropout:
-        raise ValueError(
+        raise InvalidConfigError(
             f"target_parameters needs lora_dropout=0 (got {config.lora_dropout}): PEFT folds the experts' "
             "update into their weights (ParamWrapper), where dropout cannot apply, and refuses such an adapter"
         )
@@ -170,10 +171,10 @@ def _check_modules_to_save(config: QLoRAConfig) -> None:
     if names is None:
         return
     if isinstance(names, str) or not all(isinstance(t, str) and t for t in names):
-        raise ValueError(f"modules_to_save must be a list of module names or None, got {names!r}")
+        raise InvalidConfigError(f"modules_to_save must be a list of module names or None, got {names!r}")
     object.__setattr__(config, "modules_to_save", tuple(names))
 
 
 def _one_of(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise InvalidConfigError(f"{name} must be one of {allowed}, got {value!r}")

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .format import QuantizedWeight
 from .lora import lora_scaling
 
@@ -50,7 +51,7 @@ class QuantizedExperts(nn.Module):
         super().__init__()
         first = weights[0]
         if len(first.shape) != 2 or any(w.shape != first.shape for w in weights):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"QuantizedExperts needs E weights of one 2-D shape, got {[tuple(w.shape) for w in weights]}"
             )
         self.num_experts = len(weights)

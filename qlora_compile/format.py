@@ -14,12 +14,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from .codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code4, dynamic_map
+from .dtypes import FLOAT_DTYPES, check_float_dtype, dtype_name
+from .errors import InvalidArgumentError, InvalidFolderError
 from .kernels import cpu as _torch_kernels
 from .kernels import dispatch, ops, ops_cat, ops_experts  # noqa: F401  (registers torch.ops.qlora)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _MAX_REPORTED = 5
 logger = logging.getLogger(__name__)
 # A 4-bit weight `<m>.weight`'s JSON state is the entry `<m>.weight<QUANT_STATE><quant_type>` (the
@@ -79,7 +78,7 @@ class QuantizedWeight:
         Equal, bit for bit, to `bitsandbytes.functional.dequantize_4bit`.
         """
         dtype = self.dtype if dtype is None else dtype
-        _check_float_dtype(dtype, "dequantize dtype")
+        check_float_dtype(dtype, "dequantize dtype")
         flat = dispatch.dequantize_4bit(
             self.packed, self.absmax, self.nested_absmax, self.offset,
             self.quant_type, self.blocksize, self.numel, dtype,
@@ -115,7 +114,7 @@ class QuantizedWeight:
         state = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
-            "dtype": _DTYPE_NAMES[self.dtype],
+            "dtype": dtype_name(self.dtype),
             "shape": list(self.shape),
         }
         if self.double_quant:
@@ -191,62 +190,56 @@ def _raise_nonfinite(w: torch.Tensor) -> None:
     count = int(bad.sum())
     where = [tuple(i.tolist()) for i in bad.nonzero()[:_MAX_REPORTED]]
     nan, inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
-    raise ValueError(
+    raise InvalidArgumentError(
         f"weight of shape {tuple(w.shape)} holds {count} non-finite value(s) "
         f"({nan} NaN, {inf} Inf); first at index {', '.join(map(str, where))}"
     )
 
 
-def _check_float_dtype(dtype: torch.dtype, what: str) -> None:
-    if dtype not in FLOAT_DTYPES:
-        names = ", ".join(str(d) for d in FLOAT_DTYPES)
-        raise TypeError(f"{what} must be one of {names}; got {dtype}")
-
-
 def _check_input(w: torch.Tensor, quant_type: str, blocksize: int) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(w).__name__}")
-    _check_float_dtype(w.dtype, "weight dtype")
+    check_float_dtype(w.dtype, "weight dtype")
     if w.numel() == 0:
-        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
+        raise InvalidArgumentError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        raise InvalidArgumentError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+        raise InvalidArgumentError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
 
 
 def _from_bnb(tensors: dict[str, torch.Tensor], key: str) -> QuantizedWeight:
     def need(name: str) -> torch.Tensor:
         if name not in tensors:
-            raise ValueError(f"missing bitsandbytes entry {name!r}")
+            raise InvalidFolderError(f"missing bitsandbytes entry {name!r}")
         return tensors[name]
 
     states = [k for k in tensors if k.startswith(f"{key}{QUANT_STATE}")]
     if len(states) != 1:
-        raise ValueError(f"expected one '{key}{QUANT_STATE}*' entry, found {states}")
+        raise InvalidFolderError(f"expected one '{key}{QUANT_STATE}*' entry, found {states}")
     state = json.loads(bytes(tensors[states[0]].tolist()).decode("utf-8"))
     quant_type, blocksize = state["quant_type"], int(state["blocksize"])
     if quant_type not in QUANT_TYPES or blocksize not in BLOCKSIZES:
-        raise ValueError(f"{states[0]}: unsupported quant_type/blocksize {quant_type}/{blocksize}")
-    if state["dtype"] not in _NAME_DTYPES:
-        raise ValueError(f"{states[0]}: unsupported dtype {state['dtype']!r}")
+        raise InvalidFolderError(f"{states[0]}: unsupported quant_type/blocksize {quant_type}/{blocksize}")
+    if state["dtype"] not in FLOAT_DTYPES:
+        raise InvalidFolderError(f"{states[0]}: unsupported dtype {state['dtype']!r}")
     shape = torch.Size(state["shape"])
     n = math.prod(shape)
     packed, absmax = need(key), need(f"{key}.absmax")
     if packed.dtype != torch.uint8:  # quant_storage other than uint8: same bytes
         packed = packed.contiguous().view(torch.uint8)
     if packed.numel() != (n + 1) // 2 or absmax.numel() != -(-n // blocksize):
-        raise ValueError(
+        raise InvalidFolderError(
             f"{key}: sizes do not match shape {list(shape)} at blocksize {blocksize}: "
             f"{packed.numel()} packed bytes, {absmax.numel()} absmax values"
         )
     qw = QuantizedWeight(
-        packed.reshape(-1, 1), absmax, quant_type, blocksize, shape, _NAME_DTYPES[state["dtype"]]
+        packed.reshape(-1, 1), absmax, quant_type, blocksize, shape, FLOAT_DTYPES[state["dtype"]]
     )
     if "nested_offset" not in state:
         return replace(qw, absmax=absmax.float())
     nested = need(f"{key}.nested_absmax").float()
     offset = torch.tensor(state["nested_offset"], dtype=torch.float32, device=absmax.device)
     if absmax.dtype != torch.uint8 or nested.numel() != -(-absmax.numel() // NESTED_BLOCKSIZE):
-        raise ValueError(f"{key}: nested statistics do not match {absmax.numel()} blocks")
+        raise InvalidFolderError(f"{key}: nested statistics do not match {absmax.numel()} blocks")
     return replace(qw, nested_absmax=nested, offset=offset)

@@ -3,15 +3,15 @@
 How it works (nothing here reads or allocates a weight):
 
 1. The model is built from its `config.json` on the meta device (shapes and dtypes, no values).
-2. The storage rewrite runs on it as `compile` runs it (the same target selection, skip rules and
-   `QLoRALinear` class), except that each 4-bit weight is made of meta tensors with the sizes the
-   quantizer produces (`quantized_sizes`): the rewrite table and byte counts are exact without
-   quantizing anything. Norms and dense leftovers go to fp32 by the pipeline's own function.
+2. compile's own model changes run on it (`pipeline.prepare_model`: target selection, skip rules,
+   `QLoRALinear`, fp32 norms and dense leftovers, checkpointing), with a `quantize` that makes
+   each 4-bit weight of meta tensors with the sizes the quantizer produces (`meta_quantizer`,
+   `quantized_sizes`): the rewrite table and byte counts are exact without quantizing anything.
 3. Dynamo traces a training forward (`model(input_ids, labels=input_ids)` in train mode, with the
    config's gradient checkpointing) on meta tensors, by default on a copy of the config cut to
    `layers=2` decoder layers (every layer traces to the same graph); `torch._dynamo.explain`
    gives the graphs and the graph breaks with their reasons. Our passes then run on each graph
-   exactly in `run_passes`' order, recording which pass made which node.
+   through `passes.run_passes` itself, which reports after each pass which nodes it made.
 
 Kernel choices are those of the traced device: meta tensors choose as the CPU does
 ("dequant_matmul" for static shapes); on CUDA `choose_kernel` picks by row count at compile time.
@@ -48,7 +48,6 @@ import copy
 import json
 import linecache
 import math
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -59,14 +58,13 @@ from . import pipeline
 from .checkpoint.skeleton import model_class
 from .codes import NESTED_BLOCKSIZE
 from .config import QLoRAConfig
-from .experts import is_experts
-from .format import QuantizedWeight, _check_float_dtype
-from .lora import QLoRALinear
-from .passes import choose_kernel, fuse_lora, fuse_shared_input
+from .dtypes import FLOAT_DTYPES, check_float_dtype, parse_dtype
+from .errors import InvalidArgumentError, InvalidConfigError, MissingFileError
+from .format import QuantizedWeight
+from .passes import run_passes
 from .passes._match import example_value, graph_modules
 
 SCHEMA_VERSION = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def quantized_sizes(numel: int, blocksize: int, double_quant: bool) -> dict[str, tuple[int, torch.dtype]]:
@@ -90,56 +88,27 @@ def quantized_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True)
     )
 
 
-def _meta_quantized_weight(shape: torch.Size, dtype: torch.dtype, config: QLoRAConfig) -> QuantizedWeight:
-    sizes = quantized_sizes(math.prod(shape), config.blocksize, config.double_quant)
+def meta_quantizer(config: QLoRAConfig) -> pipeline.Quantize:
+    """A `quantize` for `pipeline.rewrite_storage` on the meta device: the 4-bit weight a dense one
+    would become, made of meta tensors of the sizes `quantize_weight` makes (no values read)."""
 
-    def meta(key, dims=None):
-        if key not in sizes:
-            return None
-        n, d = sizes[key]
-        return torch.empty(dims if dims is not None else (n,), dtype=d, device="meta")
+    def quantize(weight: torch.Tensor) -> QuantizedWeight:
+        check_float_dtype(weight.dtype, "weight dtype")  # what quantize_weight refuses, refused here
+        sizes = quantized_sizes(math.prod(weight.shape), config.blocksize, config.double_quant)
 
-    packed = meta("packed", (sizes["packed"][0], 1))
-    return QuantizedWeight(
-        packed, meta("absmax"), config.quant_type, config.blocksize, torch.Size(shape), dtype,
-        meta("nested_absmax"), meta("offset", ()),
-    )  # fmt: skip
+        def meta(key, dims=None):
+            if key not in sizes:
+                return None
+            n, d = sizes[key]
+            return torch.empty(dims if dims is not None else (n,), dtype=d, device="meta")
 
+        packed = meta("packed", (sizes["packed"][0], 1))
+        return QuantizedWeight(
+            packed, meta("absmax"), config.quant_type, config.blocksize, torch.Size(weight.shape), weight.dtype,
+            meta("nested_absmax"), meta("offset", ()),
+        )  # fmt: skip
 
-def rewrite_storage_meta(model: nn.Module, config: QLoRAConfig) -> list[pipeline.Rewrite]:
-    """`pipeline.rewrite_storage` (and `add_dense_lora`) for a model on the meta device: same
-    selection, skips and classes, with 4-bit weights of meta tensors of the sizes quantization makes."""
-    kinds = pipeline._linear_kinds()
-    rewrites = []
-    dense = pipeline.dense_lora_targets(model, config)
-    for name, module in pipeline.select_targets(model, config):
-        kind = type(module).__name__
-        if is_experts(module):  # 3-D expert weights: per expert, as compile does
-            quantize = lambda w: _meta_quantized_weight(w.shape, w.dtype, config)  # noqa: E731
-            pipeline.rewrite_experts(name, module, config, rewrites, quantize=quantize)
-            continue
-        if not isinstance(module, kinds):
-            rewrites.append(
-                pipeline.Rewrite(name, kind, (0, 0), 0, skipped="not an nn.Linear or transformers Conv1D")
-            )
-            continue
-        weight = pipeline._dense_weight(module)
-        record = pipeline.Rewrite(name, kind, tuple(weight.shape), weight.numel() * weight.element_size())
-        rewrites.append(record)
-        try:
-            if not weight.dtype.is_floating_point:
-                raise TypeError(f"weight dtype {weight.dtype} is not a float dtype (already quantized?)")
-            _check_float_dtype(weight.dtype, "weight dtype")
-        except TypeError as e:
-            record.skipped = str(e)
-            continue
-        qw = _meta_quantized_weight(weight.shape, weight.dtype, config)
-        layer = QLoRALinear(qw, module.bias, **config.lora_kwargs())
-        layer.fan_in_fan_out = not isinstance(module, nn.Linear)
-        pipeline.replace_module(model, name, module, layer)
-        record.bytes_after = layer.quantized_weight.nbytes
-    pipeline.add_dense_lora(model, config, dense)
-    return rewrites
+    return quantize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,17 +122,26 @@ def read_config(path: str | Path):
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json")
-        return transformers.AutoConfig.from_pretrained(path)
+            raise MissingFileError(f"{path} has no config.json")
+        return _transformers_config(path, lambda: transformers.AutoConfig.from_pretrained(path))
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise InvalidConfigError(f"{path} is not valid JSON: {e}") from None
     if "model_type" not in data:
-        raise ValueError(f"{path} has no 'model_type' (is it a transformers config.json?)")
-    return transformers.AutoConfig.for_model(**data)
+        raise InvalidConfigError(f"{path} has no 'model_type' (is it a transformers config.json?)")
+    return _transformers_config(path, lambda: transformers.AutoConfig.for_model(**data))
+
+
+def _transformers_config(path: Path, read):
+    """`read()`, with transformers' refusals of a config (an unknown model_type, a bad value) as ours."""
+    try:
+        return read()
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidConfigError(f"{path}: transformers cannot read this config ({first})") from e
 
 
 def resolve_dtype(name: str, config) -> torch.dtype:
@@ -171,11 +149,9 @@ def resolve_dtype(name: str, config) -> torch.dtype:
     if name == "auto":
         found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if isinstance(found, str):
-            found = DTYPES.get(found, torch.float32)
-        return found if found in DTYPES.values() else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+            found = FLOAT_DTYPES.get(found.removeprefix("torch."), torch.float32)
+        return found if found in FLOAT_DTYPES.values() else torch.float32
+    return parse_dtype(name, "dtype (or auto)")
 
 
 def with_layers(config, layers: int | None):
@@ -207,15 +183,9 @@ def meta_model(config, dtype: torch.dtype) -> nn.Module:
 
 
 def prepare_meta(model: nn.Module, config: QLoRAConfig) -> list[pipeline.Rewrite]:
-    """compile()'s model changes on a meta model: storage rewrite, freezing and fp32 norms,
-    gradient checkpointing (no Dynamo). Returns the rewrite records."""
-    rewrites = rewrite_storage_meta(model, config)
-    pipeline._freeze_and_upcast_norms(model, pipeline.saved_modules(model, config))
-    if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        with warnings.catch_warnings():  # transformers' rename notice for gradient_checkpointing_enable
-            warnings.simplefilter("ignore", FutureWarning)
-            pipeline._enable_checkpointing(model)
-    return rewrites
+    """compile()'s model changes (`pipeline.prepare_model`: storage rewrite, freezing and fp32 norms,
+    gradient checkpointing; no Dynamo) on a meta model. Returns the rewrite records."""
+    return pipeline.prepare_model(model, config, quantize=meta_quantizer(config)).rewrites
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,20 +224,21 @@ def _kernel(node: fx.Node) -> str | None:
 
 
 def run_passes_recorded(gm: fx.GraphModule) -> tuple[Counter, dict[fx.Node, str]]:
-    """`passes.run_passes`, one pass at a time, recording the pass that created each node."""
+    """`passes.run_passes`, recording the pass that created each node."""
     made: dict[fx.Node, str] = {}
 
     def nodes() -> set[fx.Node]:
         return {n for m in graph_modules(gm) for n in m.graph.nodes}
 
-    counts: Counter = Counter()
-    for name, fn in (("fuse_lora", fuse_lora), ("fuse_shared_input", fuse_shared_input)):
-        before = nodes()
-        counts[name] += fn(gm)
-        made.update({n: name for n in nodes() - before})
-    for kernel, n in choose_kernel(gm).items():
-        counts[f"kernel:{kernel}"] += n
-    return counts, made
+    seen = nodes()
+
+    def after(name: str) -> None:
+        nonlocal seen
+        now = nodes()
+        made.update({n: name for n in now - seen})
+        seen = now
+
+    return run_passes(gm, after=after), made
 
 
 def describe_graph(index: int, gm: fx.GraphModule, counts: Counter, made: dict) -> dict:
@@ -377,9 +348,9 @@ def inspect_model(
         config: the QLoRAConfig compile would get (default: the paper's).
     """
     if batch_size < 1 or seq_len < 1:
-        raise ValueError("batch size and sequence length must be at least 1")
+        raise InvalidArgumentError("batch size and sequence length must be at least 1")
     if layers is not None and layers < 1:
-        raise ValueError("layers must be at least 1")
+        raise InvalidArgumentError("layers must be at least 1")
     config = config or QLoRAConfig()
     hf_config = read_config(path)
     weights_dtype = resolve_dtype(dtype, hf_config)

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .format import QuantizedWeight, quantize_weight
 from .modules import QuantizedLinear
 
@@ -63,7 +64,7 @@ class LoRALayer:
         re-created (not when `r` is already the rank): new parameters, so an optimizer built over
         the old ones must be rebuilt."""
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+            raise InvalidArgumentError(f"r must be a positive int, got {r!r}")
         if r == self.r:
             return False
         old = self.lora_A.weight
@@ -88,6 +89,8 @@ class QLoRALinear(LoRALayer, QuantizedLinear):
         use_rslora: scale by lora_alpha / sqrt(r) instead of lora_alpha / r.
         compute_dtype: dtype of the base product.
         adapter_dtype: dtype of `lora_A` and `lora_B` (fp32, as PEFT keeps them).
+        fan_in_fan_out: the replaced module stored its weight as (in, out) (a transformers
+            `Conv1D`): `.weight` answers in that layout (see `QuantizedLinear`).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class QLoRALinear(LoRALayer, QuantizedLinear):
         weight: QuantizedWeight,
         bias: torch.Tensor | None = None,
         *,
+        fan_in_fan_out: bool = False,
         r: int = 64,
         lora_alpha: float = 16,
         lora_dropout: float = 0.05,
@@ -102,7 +106,7 @@ class QLoRALinear(LoRALayer, QuantizedLinear):
         compute_dtype: torch.dtype = torch.bfloat16,
         adapter_dtype: torch.dtype = torch.float32,
     ):
-        super().__init__(weight, bias)
+        super().__init__(weight, bias, fan_in_fan_out=fan_in_fan_out)
         self.compute_dtype = compute_dtype
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, weight.device, adapter_dtype)
 
@@ -117,7 +121,8 @@ class QLoRALinear(LoRALayer, QuantizedLinear):
         double_quant: bool = True,
         **lora,
     ) -> QLoRALinear:
-        """Quantize a dense (out_features, in_features) weight and add adapters."""
+        """Quantize a dense (out_features, in_features) weight and add adapters (`**lora`: the
+        keyword arguments of `QLoRALinear`, `fan_in_fan_out` included)."""
         qw = quantize_weight(
             weight.detach(), quant_type=quant_type, blocksize=blocksize, double_quant=double_quant
         )
@@ -160,6 +165,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         adapter_dtype: torch.dtype = torch.float32,
     ):
         nn.Module.__init__(self)
+        self.fan_in_fan_out = False  # an nn.Linear: (out, in)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, base.weight.device, adapter_dtype)

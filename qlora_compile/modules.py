@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .format import QuantizedWeight, quantize_weight
 
 
@@ -18,12 +19,18 @@ class QuantizedLinear(nn.Module):
     Args:
         weight: the quantized (out_features, in_features) weight.
         bias: optional bias, kept as a (frozen) parameter in its own dtype.
+        fan_in_fan_out: the module replaced stored its weight as (in, out), as transformers'
+            `Conv1D` does (PEFT's name for it): `.weight` answers in that layout. The 4-bit weight
+            and the product are (out, in) either way.
     """
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
+    def __init__(
+        self, weight: QuantizedWeight, bias: torch.Tensor | None = None, *, fan_in_fan_out: bool = False
+    ):
         super().__init__()
+        self.fan_in_fan_out = fan_in_fan_out
         if len(weight.shape) != 2:
-            raise ValueError(f"QuantizedLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
+            raise InvalidArgumentError(f"QuantizedLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.quant_type, self.blocksize, self.weight_dtype = weight.quant_type, weight.blocksize, weight.dtype
         self.register_buffer("weight_packed", weight.packed)
@@ -58,7 +65,7 @@ class QuantizedLinear(nn.Module):
             self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset,
             self.quant_type, self.blocksize, [self.out_features, self.in_features], self.weight_dtype,
         )  # fmt: skip
-        return w.t() if getattr(self, "fan_in_fan_out", False) else w
+        return w.t() if self.fan_in_fan_out else w
 
     @property
     def quantized_weight(self) -> QuantizedWeight:

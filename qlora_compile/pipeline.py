@@ -21,6 +21,8 @@ import itertools
 import logging
 import math
 import types
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +30,10 @@ import torch
 from torch import nn
 
 from . import experts as _experts
-from .checkpoint.skeleton import modules_to_not_convert, should_convert
+from .checkpoint.skeleton import linear_kinds, modules_to_not_convert, should_convert
 from .config import QLoRAConfig
-from .format import quantize_weight
+from .errors import InvalidArgumentError, InvalidConfigError
+from .format import QuantizedWeight, quantize_weight
 from .lora import LoRALayer, LoRALinear, QLoRALinear
 from .modules import QuantizedLinear
 
@@ -99,17 +102,6 @@ class Report:
         return "\n".join(lines)
 
 
-def _linear_kinds() -> tuple[type, ...]:
-    kinds: tuple[type, ...] = (nn.Linear,)
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        kinds += (Conv1D,)
-    except ImportError:  # transformers is a dependency, but the pipeline does not need it
-        pass
-    return kinds
-
-
 def _dense_weight(module: nn.Module) -> torch.Tensor:
     """(out_features, in_features) view of a Linear's or Conv1D's weight."""
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
@@ -127,7 +119,7 @@ def select_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.
     """(qualified name, module) of every module `config.target_modules` selects, in order; experts
     modules (3-D expert weights) count as linear, and those owning a `target_parameters` entry are
     selected too."""
-    kinds = _linear_kinds() + (QuantizedLinear,)  # already 4-bit (load_quantized): wrapped as they are
+    kinds = linear_kinds() + (QuantizedLinear,)  # already 4-bit (load_quantized): wrapped as they are
     head = _output_head(model)
     targets = config.target_modules
     keep = kept_dense(model) if targets == "all-linear" else []
@@ -157,11 +149,11 @@ def select_targets(model: nn.Module, config: QLoRAConfig) -> list[tuple[str, nn.
                 }
             )
             if any(_experts.matches(n, missing) and inside(n, saved) for n, _ in model.named_modules()):
-                raise ValueError(
+                raise InvalidConfigError(
                     f"target_modules {missing} select only modules inside modules_to_save {saved}, which stay "
                     "dense and train in full: name them in one of the two, not both"
                 )
-            raise ValueError(
+            raise InvalidConfigError(
                 f"target_modules {missing} match no Linear/Conv1D module; the model has: {names}"
             )
     _check_target_parameters(model, config)
@@ -208,7 +200,9 @@ def saved_modules(model: nn.Module, config: QLoRAConfig) -> list[str]:
     if missing:
         candidates = sorted({n.rsplit(".", 1)[-1] for n in modules} | set(modules))
         closest = {t: difflib.get_close_matches(t, candidates, n=3, cutoff=0.4) for t in missing}
-        raise ValueError(f"modules_to_save {missing} match no module of the model; closest: {closest}")
+        raise InvalidConfigError(
+            f"modules_to_save {missing} match no module of the model; closest: {closest}"
+        )
     _check_untied(model, saved)
     return saved
 
@@ -221,7 +215,7 @@ def _check_untied(model: nn.Module, saved: list[str]) -> None:
     for module in saved:
         for name, p in model.get_submodule(module).named_parameters():
             if id(p) in outside:
-                raise ValueError(
+                raise InvalidConfigError(
                     f"modules_to_save: {module}.{name} is tied to {outside[id(p)]}; training it in full would "
                     "train that one too (PEFT trains a copy instead): untie the weights or leave it out"
                 )
@@ -273,41 +267,57 @@ def _check_target_parameters(model: nn.Module, config: QLoRAConfig) -> None:
     missing = [t for t in config.target_parameters if not any(_experts.matches(k, [t]) for k in keys)]
     if missing:
         names = sorted({k.rsplit(".", 1)[-1] for k in keys})
-        raise ValueError(
+        raise InvalidConfigError(
             f"target_parameters {missing} match no 3-D expert weight of a transformers experts module; "
             f"the model has: {names or 'none'}"
         )
 
 
-def _new_layer(module: nn.Module, config: QLoRAConfig) -> QLoRALinear:
+Quantize = Callable[[torch.Tensor], QuantizedWeight]
+
+
+def quantizer(config: QLoRAConfig) -> Quantize:
+    """`quantize_weight` with the config's format: a dense matrix -> its 4-bit weight."""
+
+    def quantize(weight: torch.Tensor) -> QuantizedWeight:
+        if weight.device.type == "meta":
+            raise InvalidArgumentError("weight is on the meta device (no values to quantize)")
+        return quantize_weight(
+            weight.detach(),
+            quant_type=config.quant_type,
+            blocksize=config.blocksize,
+            double_quant=config.double_quant,
+        )
+
+    return quantize
+
+
+def _new_layer(module: nn.Module, config: QLoRAConfig, quantize: Quantize) -> QLoRALinear:
     weight = _dense_weight(module)
     if not weight.dtype.is_floating_point:
         raise TypeError(f"weight dtype {weight.dtype} is not a float dtype (already quantized?)")
-    if weight.device.type == "meta":
-        raise ValueError("weight is on the meta device (no values to quantize)")
-    return QLoRALinear.from_dense(
-        weight,
-        module.bias,
-        quant_type=config.quant_type,
-        blocksize=config.blocksize,
-        double_quant=config.double_quant,
-        **config.lora_kwargs(),
-    )
+    fan_in_fan_out = not isinstance(module, nn.Linear)  # Conv1D stores (in, out), as PEFT notes
+    return QLoRALinear(quantize(weight), module.bias, fan_in_fan_out=fan_in_fan_out, **config.lora_kwargs())
 
 
-def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
-    """Swap each target for a QLoRALinear, one at a time, so at most one dense layer is extra."""
-    kinds = _linear_kinds()
+def rewrite_storage(model: nn.Module, config: QLoRAConfig, quantize: Quantize | None = None) -> list[Rewrite]:
+    """Swap each target for a QLoRALinear, one at a time, so at most one dense layer is extra.
+
+    `quantize` maps a dense (out, in) weight to its 4-bit weight (default: `quantizer(config)`;
+    `qlora_compile.inspect` passes one that makes meta tensors of the sizes quantization makes)."""
+    quantize = quantize or quantizer(config)
+    kinds = linear_kinds()
     rewrites = []
     _dequantize_saved(model, saved_modules(model, config))
     for name, module in select_targets(model, config):
         kind = type(module).__name__
         if _experts.is_experts(module):
-            rewrite_experts(name, module, config, rewrites)
+            rewrite_experts(name, module, config, rewrites, quantize=quantize)
             continue
         if type(module) is QuantizedLinear:  # keep its bytes: no dequantize / requantize
             qw = module.quantized_weight
-            replace_module(model, name, module, QLoRALinear(qw, module.bias, **config.lora_kwargs()))
+            layer = QLoRALinear(qw, module.bias, fan_in_fan_out=module.fan_in_fan_out, **config.lora_kwargs())
+            replace_module(model, name, module, layer)
             rewrites.append(Rewrite(name, kind, tuple(qw.shape), qw.nbytes, bytes_after=qw.nbytes))
             continue
         if not isinstance(module, kinds):
@@ -317,12 +327,11 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig) -> list[Rewrite]:
         record = Rewrite(name, kind, tuple(weight.shape), weight.numel() * weight.element_size())
         rewrites.append(record)
         try:
-            layer = _new_layer(module, config)
+            layer = _new_layer(module, config, quantize)
         except (ValueError, TypeError) as e:
             record.skipped = str(e)
             logger.warning("qlora_compile: skipping %s: %s", name, e)
             continue
-        layer.fan_in_fan_out = not isinstance(module, nn.Linear)  # Conv1D stores (in, out), as PEFT notes
         replace_module(model, name, module, layer)
         record.bytes_after = layer.quantized_weight.nbytes
         del module, weight, layer  # the dense weight goes now, not at the end of the loop
@@ -365,18 +374,16 @@ def replace_module(model: nn.Module, name: str, old: nn.Module, new: nn.Module) 
 
 
 def rewrite_experts(
-    name: str, module: nn.Module, config: QLoRAConfig, rewrites: list[Rewrite], quantize=None
+    name: str,
+    module: nn.Module,
+    config: QLoRAConfig,
+    rewrites: list[Rewrite],
+    quantize: Quantize | None = None,
 ) -> None:
     """Quantize an experts module's 3-D weights per expert (`experts.rewrite_experts`), LoRA on those
     that `config.target_parameters` names; appends one Rewrite per weight to `rewrites`.
-    `quantize` (default `quantize_weight` with the config's format) maps one (out, in) matrix."""
-    if quantize is None:
-        quantize = functools.partial(
-            quantize_weight,
-            quant_type=config.quant_type,
-            blocksize=config.blocksize,
-            double_quant=config.double_quant,
-        )
+    `quantize` (default `quantizer(config)`) maps one (out, in) matrix."""
+    quantize = quantize or quantizer(config)
 
     def record(pname: str, kind: str, shape: tuple[int, ...], nbytes: int) -> Rewrite:
         rewrites.append(Rewrite(f"{name}.{pname}", kind, shape, nbytes))
@@ -403,7 +410,7 @@ def _freeze_and_upcast_norms(model: nn.Module, saved: list[str] = ()) -> None:
     for name, param in model.named_parameters():
         lora = ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
         param.requires_grad_(lora or inside(name.rpartition(".")[0], saved))
-    kinds = _linear_kinds()
+    kinds = linear_kinds()
     for name, module in model.named_modules():
         dense = isinstance(module, kinds) and not isinstance(module, QLoRALinear)  # LoRALinear: all fp32
         kind = type(module).__name__.lower()
@@ -516,29 +523,38 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
     config = (config or QLoRAConfig()).with_overrides(**overrides)
     # QuantizedExperts alone may come from load_quantized, like QuantizedLinear: compiled as they are
     if hasattr(model, "qlora") or any(isinstance(m, LoRALayer) for m in model.modules()):
-        raise ValueError("model was already processed by qlora_compile.compile")
+        raise InvalidArgumentError("model was already processed by qlora_compile.compile")
     compiled = getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or model._compiled_call_impl or compiled:
-        raise ValueError(
+        raise InvalidArgumentError(
             "model is already torch.compile'd: pass the original module to qlora_compile.compile"
         )
     saved = saved_modules(model, config)
-    dense = dense_lora_targets(model, config)  # before the rewrite: after it, 4-bit layers are not nn.Linear
-    report = Report(rewrite_storage(model, config))
-    report.dense_lora = add_dense_lora(model, config, dense)
+    report = prepare_model(model, config)
     if not report.rewritten:
         reasons = (
             "; ".join(f"{r.name}: {r.skipped}" for r in report.skipped)
             or "no nn.Linear/Conv1D/experts selected"
         )
-        raise ValueError(f"no eligible linear layer to quantize ({reasons})")
-    _freeze_and_upcast_norms(model, saved)
-    if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        _enable_checkpointing(model)
+        raise InvalidArgumentError(f"no eligible linear layer to quantize ({reasons})")
     model.qlora = QLoRAHandle(model, config, report, saved)
     _warn_backend_bugs(model, config.backend)
     _compile_forward(model, make_backend(config, report))
     return model
+
+
+def prepare_model(model: nn.Module, config: QLoRAConfig, quantize: Quantize | None = None) -> Report:
+    """compile()'s changes to the module tree, without Dynamo: the storage rewrite, LoRA on the
+    linears kept dense, freezing and fp32 norms, gradient checkpointing. `quantize`: as
+    `rewrite_storage` takes it (`qlora_compile.inspect` runs this on meta models)."""
+    saved = saved_modules(model, config)
+    dense = dense_lora_targets(model, config)  # before the rewrite: after it, 4-bit layers are not nn.Linear
+    report = Report(rewrite_storage(model, config, quantize))
+    report.dense_lora = add_dense_lora(model, config, dense)
+    _freeze_and_upcast_norms(model, saved)
+    if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        _enable_checkpointing(model)
+    return report
 
 
 # Models a backend computes wrong on the torch we test, with or without us (README, "Tested model
@@ -569,7 +585,9 @@ def _enable_checkpointing(model: nn.Module) -> None:
     non-reentrant checkpoint propagates gradients to the LoRA weights inside it without that.
     The KV cache is turned off for training forwards (as QLoRA's scripts do).
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():  # transformers' own rename notice, nothing the user can act on
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
     # Training forwards would warn "use_cache=True is incompatible with gradient checkpointing"

@@ -48,7 +48,6 @@ leftovers), then its tensors are counted. The rest is a model:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,29 +55,15 @@ import torch
 from torch import nn
 
 from . import inspect as _inspect
+from .checkpoint.skeleton import linear_kinds
 from .config import QLoRAConfig
+from .errors import InvalidArgumentError
 from .experts import QuantizedExperts
 from .lora import LoRALayer, QLoRALinear
 from .optim.adamw import RESIDENT_BELOW, state_nbytes_for
 
 PAGED_MIN_NUMEL = RESIDENT_BELOW  # the paged optimizer's rule: smaller tensors' states stay resident
 DEFAULT_BUDGET_FRACTION = 0.10
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-
-def parse_memory(text: str) -> int:
-    """Bytes in "48GB" (10^9), "48GiB" (2^30), "512 MiB", "1.5TB"; a unit is required."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if match is None:
-        raise ValueError(f"memory size {text!r} is not a number with a unit, such as 48GB or 48GiB")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    if unit not in _UNITS:
-        hint = "a unit is required" if not unit else f"unknown unit {match.group(2)!r}"
-        raise ValueError(
-            f"memory size {text!r}: {hint}; use B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB"
-        )
-    return int(number * _UNITS[unit])
 
 
 def optimizer_state_bytes(numels: list[int], optim_bits: int) -> int:
@@ -88,7 +73,7 @@ def optimizer_state_bytes(numels: list[int], optim_bits: int) -> int:
 
 def _state_bytes(n: int, optim_bits: int) -> int:
     if optim_bits not in (32, 8):
-        raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
+        raise InvalidArgumentError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
     return state_nbytes_for(n, optim_bits)
 
 
@@ -112,7 +97,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def persistent_breakdown(model: nn.Module) -> dict[str, int]:
     """Bytes of the (compiled) model's parameters and buffers by kind; each tensor once."""
-    kinds = _inspect.pipeline._linear_kinds()
+    kinds = linear_kinds()
     seen: set[int] = set()
     out = dict.fromkeys(
         ("4-bit weights", "4-bit statistics", "LoRA parameters (fp32)", "embeddings", "dense leftovers (output head)",
@@ -301,7 +286,7 @@ def plan_memory(
     batch_size: int = 1,
     r: int = 64,
     optim_bits: int = 32,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool = QLoRAConfig.gradient_checkpointing,
     optim_budget: int | None = None,
     paged: bool = True,
     dtype: str = "bfloat16",
@@ -309,15 +294,18 @@ def plan_memory(
 ) -> Plan:
     """Predict the device memory of QLoRA training of the model at `path` (folder or config.json).
 
+    The defaults are compile()'s (`QLoRAConfig`'s): r=64, dropout 0.05, paged 32-bit AdamW, gradient
+    checkpointing on.
+
     Args:
-        gpu_memory: the device's bytes (see `parse_memory`).
+        gpu_memory: the device's bytes (`qlora_compile.units.parse_size("48GB")`).
         dtype: the dense weights' dtype as loaded before compile ("auto": the config's).
         optim_budget: device bytes for paged optimizer states (None: 10% of the paged states).
     """
     if seq_len < 1 or batch_size < 1:
-        raise ValueError("--seq-len and --batch-size must be at least 1")
+        raise InvalidArgumentError("--seq-len and --batch-size must be at least 1")
     if gpu_memory <= 0:
-        raise ValueError("--gpu-memory must be positive")
+        raise InvalidArgumentError("--gpu-memory must be positive")
     config = QLoRAConfig(r=r, optim_bits=optim_bits, paged=paged, lora_dropout=lora_dropout,
                          gradient_checkpointing=gradient_checkpointing)  # fmt: skip
     hf_config = _inspect.read_config(path)

@@ -401,5 +401,5 @@ def test_weight_reads_the_dequantized_weight_without_storing_it():
     dense = gpt2.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: (in, out)
     qlora_compile.compile(gpt2, **FAST)
     c_attn = gpt2.transformer.h[0].attn.c_attn
-    assert c_attn.weight.shape == dense.shape == (64, 192)
+    assert c_attn.fan_in_fan_out and c_attn.weight.shape == dense.shape == (64, 192)
     assert (c_attn.weight - dense).abs().max() < 0.2 * dense.abs().max()  # 4-bit of the same layout

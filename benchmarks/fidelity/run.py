@@ -13,7 +13,7 @@ for MiniLM every 2-D weight outside the embeddings):
 Every variant's linear weights are replaced by their dequantized values and the model runs in
 fp32: the rows differ only in the weights (for NF4/FP4 these are exactly the values the 4-bit
 format and bitsandbytes dequantize to). NF4 and FP4 come from `qlora_compile.quantize_weight`;
-Int4 from the reference quantizer `qlora_compile.int4` (integers -7..7 times absmax/7, the same
+Int4 from the reference quantizer in `int4.py` beside this script (integers -7..7 times absmax/7, the same
 double quantization of absmax). Writes `results.json` and `RESULTS.md` into `--out`.
 """
 
@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import torch
+from int4 import quantize_int4  # beside this script
 from safetensors.torch import load_file
 
 from qlora_compile import quantize_weight
-from qlora_compile.int4 import quantize_int4
 from qlora_compile.tools import assets
 
 VARIANTS = [(t, dq) for t in ("nf4", "fp4", "int4") for dq in (True, False)]

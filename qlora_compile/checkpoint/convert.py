@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,9 +26,11 @@ from pathlib import Path
 import torch
 
 from ..codes import BLOCKSIZES, QUANT_TYPES
+from ..dtypes import parse_dtype
 from ..format import QuantizedWeight, quantize_weight
 from ..kernels import cpu as _torch_kernels
 from ..kernels import dispatch
+from ..units import parse_size
 from . import model_folder, skeleton
 from .expert_layout import ExpertWeight, expert_weights, renamer
 from .model_folder import ConversionError, ModelFolder
@@ -99,37 +100,6 @@ class _Item:
     def nbytes(self) -> int:
         """Bytes read from the source."""
         return self.numel * DTYPES[self.info.dtype].itemsize if self.expert else self.info.nbytes
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in `size`: an int, or "2GB" / "500MB" / "1GiB" (decimal and binary units, as transformers)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ConversionError(f"invalid size {size!r} (expected e.g. 2GB, 500MB, 1GiB)")
-    unit = m.group(2).upper().rstrip("B")
-    scale = {
-        "": 1,
-        "K": 10**3,
-        "M": 10**6,
-        "G": 10**9,
-        "T": 10**12,
-        "KI": 2**10,
-        "MI": 2**20,
-        "GI": 2**30,
-        "TI": 2**40,
-    }
-    return int(float(m.group(1)) * scale[unit])
-
-
-def _dtype(value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    name = str(value).removeprefix("torch.")
-    if name not in ("bfloat16", "float16", "float32"):
-        raise ConversionError(f"compute dtype must be bfloat16, float16 or float32, got {value!r}")
-    return getattr(torch, name)
 
 
 def _main_dtype(config, infos: list[TensorInfo]) -> torch.dtype:
@@ -355,7 +325,7 @@ def bnb_quantization_config(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=_dtype(compute_dtype),
+        bnb_4bit_compute_dtype=parse_dtype(compute_dtype, "compute dtype"),
         llm_int8_skip_modules=skip,
     ).to_dict()
 
@@ -409,8 +379,8 @@ def convert_checkpoint(
         raise ConversionError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     if blocksize not in BLOCKSIZES:
         raise ConversionError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
-    compute_dtype = _dtype(compute_dtype)
-    max_bytes = parse_size(max_shard_size)
+    compute_dtype = parse_dtype(compute_dtype, "compute dtype")
+    max_bytes = parse_size(max_shard_size, "max_shard_size")
     folder = ModelFolder(src)
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst} already exists (pass --overwrite / overwrite=True to replace it)")

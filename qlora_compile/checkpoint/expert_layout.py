@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import InvalidFolderError, UnsupportedError
 from ..experts import expert_parameters
 
 # the operations transformers fuses per-expert tensors with: stack the experts, then concatenate the parts
@@ -127,7 +128,7 @@ def renamer(model: nn.Module) -> Callable[[str], str]:
 def _check_ops(converter, target: str) -> None:
     ops = [type(op).__name__ for op in getattr(converter, "operations", [])]
     if ops not in [list(o) for o in _FUSE_OPS]:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"{target}: transformers fuses its experts with {ops}; only per-expert tensors stacked "
             "(MergeModulelist) and concatenated along rows (Concatenate(dim=1)) are supported"
         )
@@ -183,7 +184,7 @@ def _fill_parts(weight: ExpertWeight, slots: dict[tuple[int, int], str], shapes)
     stored = weight.shape[::-1] if weight.transposed else weight.shape
     if weight.fused:
         if slots or tuple(shapes[weight.fused]) != (e, *stored):
-            raise ValueError(
+            raise InvalidFolderError(
                 f"{weight.name}: the checkpoint's {weight.fused} {tuple(shapes[weight.fused])} is not the "
                 f"model's ({e}, {stored[0]}, {stored[1]})"
                 + (" and it has per-expert tensors too" if slots else "")
@@ -192,12 +193,16 @@ def _fill_parts(weight: ExpertWeight, slots: dict[tuple[int, int], str], shapes)
     n_parts = 1 + max(k for _, k in slots)
     missing = [(x, k) for x in range(e) for k in range(n_parts) if (x, k) not in slots]
     if missing:
-        raise ValueError(f"{weight.name}: the checkpoint lacks (expert, part) {missing[:5]} of {e} experts")
+        raise InvalidFolderError(
+            f"{weight.name}: the checkpoint lacks (expert, part) {missing[:5]} of {e} experts"
+        )
     weight.parts = [[slots[(x, k)] for k in range(n_parts)] for x in range(e)]
     rows = sum(shapes[k][0] for k in weight.parts[0])
     bad = [k for keys in weight.parts for k in keys if tuple(shapes[k]) != (stored[0] // n_parts, stored[1])]
     if rows != stored[0] or bad:
-        raise ValueError(f"{weight.name}: per-expert tensors {bad[:3]} do not make one expert's {stored}")
+        raise InvalidFolderError(
+            f"{weight.name}: per-expert tensors {bad[:3]} do not make one expert's {stored}"
+        )
 
 
 def save_layout(model: nn.Module, weight: ExpertWeight) -> ExpertWeight:
@@ -241,7 +246,7 @@ def quantized_experts(
         by_expert[int(m.group(2))] = prefix
     for name, (weight, by_expert) in out.items():
         if sorted(by_expert) != list(range(weight.num_experts)):
-            raise ValueError(
+            raise InvalidFolderError(
                 f"{name}: 4-bit experts {sorted(by_expert)} stored, the model has {weight.num_experts}"
             )
     return out

@@ -129,7 +129,10 @@ def load_quantized(
         if bias is not None and dtype is not None:
             bias = bias.to(dtype)
         parent, _, child = prefix.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, QuantizedLinear(qw, bias))
+        layer = QuantizedLinear(
+            qw, bias, fan_in_fan_out=not isinstance(module, nn.Linear)
+        )  # Conv1D: (in, out)
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     result = model.load_state_dict(tensors, strict=False, assign=True)

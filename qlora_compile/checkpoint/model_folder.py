@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..codes import QUANT_TYPES
+from ..errors import InvalidFolderError
 from ..format import QUANT_STATE
 from .output_folder import INDEX, WEIGHTS
 from .safetensors_file import SafetensorsError, TensorInfo, read_header
@@ -29,7 +30,7 @@ _WEIGHT_FILE = re.compile(
 )
 
 
-class ConversionError(ValueError):
+class ConversionError(InvalidFolderError):
     """Bad input: a model folder that cannot be read or converted (the CLI prints it on one line
     and exits with code 2)."""
 

@@ -14,6 +14,8 @@ import re
 import torch
 from torch import nn
 
+from ..errors import InvalidConfigError
+
 
 def model_class(config, auto_class=None):
     """The class the checkpoint was saved from (`config.architectures[0]`), else `auto_class`'s
@@ -33,7 +35,7 @@ def model_class(config, auto_class=None):
             return auto._model_mapping[type(config)]
         except KeyError:
             continue
-    raise ValueError(f"transformers has no model class for model_type {config.model_type!r}")
+    raise InvalidConfigError(f"transformers has no model class for model_type {config.model_type!r}")
 
 
 @contextlib.contextmanager

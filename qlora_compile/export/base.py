@@ -29,16 +29,18 @@ import torch
 from ..adapters import AdapterFolder
 from ..checkpoint import model_folder
 from ..checkpoint.expert_layout import ExpertWeight, expert_weights, quantized_experts, save_layout
-from ..checkpoint.model_folder import ConversionError, ModelFolder
+from ..checkpoint.model_folder import ModelFolder
 from ..checkpoint.output_folder import Entry, OutputFolder, Written
 from ..checkpoint.safetensors_file import DTYPES, TensorSpec
-from ..checkpoint.skeleton import model_class
+from ..checkpoint.skeleton import linear_kinds, model_class
 from ..codes import BLOCKSIZES, QUANT_TYPES
+from ..dtypes import FLOAT_DTYPES
+from ..errors import InvalidArgumentError, InvalidFolderError
 from ..format import QUANT_STATE, QuantizedWeight, quantize_weight
 from ..pipeline import inside
 
 logger = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = FLOAT_DTYPES
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -46,7 +48,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or name == "auto" or isinstance(name, torch.dtype):
         return None if name == "auto" else name
     if name not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
+        raise InvalidArgumentError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
 
 
@@ -60,9 +62,9 @@ class QuantOptions:
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+            raise InvalidArgumentError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
         if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+            raise InvalidArgumentError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
 
 
 def empty_model(config, device: str = "meta"):
@@ -119,7 +121,7 @@ class BaseModel:
         if not self.bnb:
             missing = [m for m in self.linears if f"{m}.weight" not in self.infos]
             if missing:
-                raise ValueError(f"{self.dir}: no weight for module(s) {missing[:5]}")
+                raise InvalidFolderError(f"{self.dir}: no weight for module(s) {missing[:5]}")
             self.quantized = {m: [f"{m}.weight"] for m in self.linears}
 
     def _find_quantized(self) -> dict[str, list[str]]:
@@ -127,7 +129,7 @@ class BaseModel:
             return {}
         groups = self.folder.bnb_groups()
         if not groups:
-            raise ConversionError(
+            raise InvalidFolderError(
                 f"{self.dir}: config.json has quantization_config but no 4-bit weights were found"
             )
         return groups
@@ -153,7 +155,7 @@ class BaseModel:
         """(linears compile() would quantize, which of the model's linears are Conv1D, output head names)."""
         from ..config import QLoRAConfig
         from ..experts import is_experts
-        from ..pipeline import _linear_kinds, _output_head, saved_modules, select_targets
+        from ..pipeline import _output_head, saved_modules, select_targets
 
         model = self.skeleton
         config = QLoRAConfig(modules_to_save=self.modules_to_save)
@@ -161,7 +163,7 @@ class BaseModel:
         self.saved = [] if self.bnb and self.modules_to_save is None else saved_modules(model, config)
         head = _output_head(model)
         heads = {n for n, m in model.named_modules() if m is head and head is not None}
-        kinds = _linear_kinds()
+        kinds = linear_kinds()
         conv1d = {
             n for n, m in model.named_modules() if isinstance(m, kinds) and not isinstance(m, torch.nn.Linear)
         }
@@ -276,7 +278,9 @@ def check_fits(adapter: AdapterFolder, base: BaseModel) -> None:
         if tuple(t.shape) != tuple(shape):
             problems.append(f"{key} (modules_to_save): shape {tuple(t.shape)} != the base's {tuple(shape)}")
     if problems:
-        raise ValueError(f"adapter {adapter.dir} does not fit base {base.dir}: " + "; ".join(problems[:10]))
+        raise InvalidFolderError(
+            f"adapter {adapter.dir} does not fit base {base.dir}: " + "; ".join(problems[:10])
+        )
 
 
 def dense_tensor(base: BaseModel, adapter: AdapterFolder | None, key: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from ..checkpoint.convert import bnb_quantization_config
 from ..checkpoint.output_folder import DEFAULT_MAX_SHARD_SIZE, Entry
 from ..codes import code4
+from ..errors import InvalidFolderError
 from ..format import QuantizedWeight, quantize_weight
 from .base import dense_entry, estimated_bytes, parse_dtype, write_export
 from .merged import merged_experts, merged_weight, open_inputs, write_config
@@ -167,7 +168,7 @@ def export_nf4(
         reports.extend(LayerReport(**r) for n in notes for r in n["reports"])
         (qt, dq), *others = sorted({tuple(k) for n in notes for k in n["kinds"]})
         if others:
-            raise ValueError(
+            raise InvalidFolderError(
                 f"{base_model.dir}: mixed quantization settings {[(qt, dq), *others]} cannot be described"
             )
         weight_dtype = next((n["dtype"] for n in notes if n["dtype"]), None)

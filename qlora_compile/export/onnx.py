@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.output_folder import atomic_files
+from ..errors import InvalidArgumentError, InvalidFolderError, UnsupportedError
 from ..lora import QLoRALinear
 from ..modules import QuantizedLinear
 from .base import BaseModel, dense_tensor, empty_model
@@ -144,7 +145,7 @@ def build_model(base: BaseModel, adapter=None, merge: bool = False) -> nn.Module
         if k not in tied_to_loaded and not any(k.startswith(f"{q}.") for q in quantized)
     ]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise InvalidFolderError(
             f"{base.dir}: the weights do not match the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
@@ -223,10 +224,10 @@ def export_onnx(
     import onnx
 
     if merge and adapter is None:
-        raise ValueError("--merge needs an adapter")
+        raise InvalidArgumentError("--merge needs an adapter")
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
     if base_model.experts:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"{base_model.dir}: ONNX export of MoE expert weights ({len(base_model.experts)}, e.g. "
             f"{next(iter(base_model.experts))}) is not supported: MatMulBnb4 takes one matrix and the "
             "routed per-expert products have no lowering; export merged 16-bit weights instead"

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..dtypes import FLOAT_DTYPES
 from . import dispatch, native
-
-_DEQUANT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _dense(
@@ -39,7 +38,7 @@ def _dense(
 def _check_linear(x: Tensor, shape: list[int]) -> None:
     if len(shape) != 2 or x.shape[-1] != shape[1]:
         raise ValueError(f"qlora::linear: input of shape {tuple(x.shape)} does not match weight {shape}")
-    if x.dtype not in _DEQUANT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES.values():
         raise TypeError(f"qlora::linear: input dtype must be fp32, fp16 or bf16, got {x.dtype}")
 
 

@@ -2,12 +2,13 @@
 
 AdamW8bit keeps each state in blocks of 256 elements: one fp32 absmax per block and one uint8 code
 per element. The first moment uses the signed dynamic map (`qlora_compile.codes.dynamic_map`), the
-second moment, never negative, the unsigned one (`unsigned_dynamic_map`, the values of
-bitsandbytes' `create_dynamic_map(signed=False)`).
+second moment, never negative, the unsigned one (`dynamic_map(signed=False)`, bitsandbytes'
+`create_dynamic_map(signed=False)`).
 
 Quantization follows bitsandbytes' CPU kernel bit for bit: `x * (1 / absmax)` in fp32, clamped to
 [-1, 1], goes to the fixed-point slot `int((v + 1) * 0.5 * 65535 + 0.5)` of a 65536-entry table
-that holds the code nearest to each slot's centre. A block of zeros stores absmax 0 and code 0.
+that holds the code nearest to each slot's centre (`qlora_compile.codes.dynamic_lut`, the table
+the nested absmax of the 4-bit format uses too). A block of zeros stores absmax 0 and code 0.
 We use the same table on every device, so results do not depend on where a state lives.
 """
 
@@ -15,50 +16,16 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 
-from ..codes import dynamic_map
+from ..codes import dynamic_lut, dynamic_map
 
 BLOCK = 256  # elements per absmax block
 
 
 @functools.cache
-def unsigned_dynamic_map() -> torch.Tensor:
-    """bitsandbytes' unsigned 8-bit dynamic code (256 sorted fp32 values in [0, 1]).
-
-    Seven exponent ranges 1e-6 .. 1; range i holds the midpoints of 2**(i + 1) + 1 evenly spaced
-    points in [0.1, 1] scaled by 10**(i - 6); then 0 and 1. (The signed map spends one bit on the
-    sign and has half as many fractions per range.)
-    """
-    values: list[float] = []
-    for i in range(7):
-        bounds = torch.linspace(0.1, 1, 2 ** (i + 1) + 1, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
-        values += ((10 ** (i - 6)) * means).tolist()
-    values += [0.0, 1.0]
-    assert len(values) == 256
-    values.sort()
-    return torch.tensor(values, dtype=torch.float32)
-
-
-def code_map(signed: bool) -> torch.Tensor:
-    return dynamic_map() if signed else unsigned_dynamic_map()
-
-
-@functools.cache
-def _lookup_table(signed: bool) -> torch.Tensor:
-    """(65536,) uint8: the code nearest to each fixed-point slot centre in [-1, 1]."""
-    code = code_map(signed).numpy()
-    mid = np.float32(0.5) * (code[:-1] + code[1:])
-    slots = np.arange(65536, dtype=np.float32)
-    centres = np.float32(-1.0) + (np.float32(2.0) * slots) / np.float32(65535)
-    return torch.from_numpy(np.searchsorted(mid, centres, side="left").astype(np.uint8))
-
-
-@functools.cache
 def _on(device: torch.device, signed: bool, what: str) -> torch.Tensor:
-    table = _lookup_table(signed) if what == "lut" else code_map(signed)
+    table = dynamic_lut(signed) if what == "lut" else dynamic_map(signed)
     return table.to(device)
 
 

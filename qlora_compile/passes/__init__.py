@@ -11,6 +11,7 @@ adds their counts to the compile report, then hands the graph to Inductor / aot_
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -22,13 +23,19 @@ from .fuse_shared_input import fuse_shared_input
 __all__ = ["choose_kernel", "fuse_lora", "fuse_shared_input", "make_backend", "run_passes"]
 
 
-def run_passes(gm: fx.GraphModule) -> Counter:
-    """Run every pass on `gm` in order; returns the rewrite counts by name."""
+def run_passes(gm: fx.GraphModule, after: Callable[[str], None] | None = None) -> Counter:
+    """Run every pass on `gm` in order; returns the rewrite counts by name ("fuse_lora",
+    "fuse_shared_input", "kernel:<name>"). `after(pass_name)`, if given, is called after each pass
+    (`qlora_compile.inspect` records there which pass made which node)."""
     counts: Counter = Counter()
-    counts["fuse_lora"] += fuse_lora(gm)
-    counts["fuse_shared_input"] += fuse_shared_input(gm)
+    for name, run in (("fuse_lora", fuse_lora), ("fuse_shared_input", fuse_shared_input)):
+        counts[name] += run(gm)
+        if after is not None:
+            after(name)
     for kernel, n in choose_kernel(gm).items():
         counts[f"kernel:{kernel}"] += n
+    if after is not None:
+        after("choose_kernel")
     return counts
 
 

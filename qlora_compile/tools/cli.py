@@ -8,7 +8,8 @@
     qlora-compile export merged|nf4|onnx --base DIR [--adapter DIR] --out PATH
                                                    merged 16-bit folder, NF4 folder, ONNX graph
 
-Exit codes: 0 success, 2 bad input (one-line message on stderr), 1 anything else.
+Exit codes: 0 success; 2 bad input (a `qlora_compile.errors.QLoRAError`: one line on stderr, the
+traceback too with -v); 1 anything else (a bug, or the machine: the traceback).
 """
 
 from __future__ import annotations
@@ -17,11 +18,25 @@ import argparse
 import dataclasses
 import logging
 import sys
+import traceback
 from pathlib import Path
 
-from rich.console import Console
-
 from ..checkpoint.output_folder import DEFAULT_MAX_SHARD_SIZE
+from ..dtypes import FLOAT_DTYPES
+from ..errors import InvalidArgumentError, QLoRAError
+from ..units import parse_size
+
+# Modules of the optional extras (pyproject.toml), by the extra that installs them.
+_EXTRAS = {"rich": "cli", "onnx": "onnx", "onnx_ir": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
+           "yaml": "demo", "gguf": "demo"}  # fmt: skip
+
+
+def _console():
+    """A rich console: the terminal's width, or 120 columns when the output is piped."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -30,7 +45,7 @@ def _info(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..kernels import native
 
-    console = Console()
+    console = _console()
     try:
         import triton
 
@@ -64,8 +79,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        console = Console()
-        print_rich(result, console if console.is_terminal else Console(width=120))
+        print_rich(result, _console())
         if args.html:
             print(f"wrote {args.html}")
     return 0
@@ -74,12 +88,13 @@ def _inspect(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from ..plan import parse_memory, plan_memory
+    from ..plan import plan_memory
 
     plan = plan_memory(
-        args.model, gpu_memory=parse_memory(args.gpu_memory), seq_len=args.seq_len, batch_size=args.batch_size,
-        r=args.r, optim_bits=args.optim_bits, gradient_checkpointing=args.gradient_checkpointing,
-        optim_budget=None if args.optim_budget is None else parse_memory(args.optim_budget),
+        args.model, gpu_memory=parse_size(args.gpu_memory, "--gpu-memory"), seq_len=args.seq_len,
+        batch_size=args.batch_size, r=args.r, optim_bits=args.optim_bits,
+        gradient_checkpointing=args.gradient_checkpointing,
+        optim_budget=None if args.optim_budget is None else parse_size(args.optim_budget, "--optim-budget"),
         paged=not args.no_paged, dtype=args.dtype,
     )  # fmt: skip
     if args.json:
@@ -87,8 +102,7 @@ def _plan(args: argparse.Namespace) -> int:
 
         print(json.dumps(plan.to_dict(), indent=1))
         return 0
-    console = Console()
-    console = console if console.is_terminal else Console(width=120)
+    console = _console()
     s = plan.settings
     table = Table(
         title=f"{plan.model}: batch {s['batch_size']} x {s['seq_len']} tokens, r={s['r']}, {s['optim_bits']}-bit "
@@ -133,7 +147,7 @@ def _positive_int(text: str, flag: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"{flag} must be a positive integer or 'all', got {text!r}")
+        raise InvalidArgumentError(f"{flag} must be a positive integer or 'all', got {text!r}")
     return value
 
 
@@ -164,7 +178,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false")
-    p.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--compute-dtype", choices=tuple(FLOAT_DTYPES), default="bfloat16")
     p.add_argument(
         "--skip", nargs="+", default=None, metavar="PATTERN", help="modules kept dense, besides the defaults"
     )
@@ -226,7 +240,7 @@ def _add_export(sub) -> None:
                 "--merge", action="store_true", help="merge the adapter and re-quantize (no LoRA branch)"
             )
         else:
-            p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+            p.add_argument("--dtype", default="auto", choices=["auto", *FLOAT_DTYPES],
                            help="dtype of the written weights (default: the base's)")  # fmt: skip
             p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                            help=f"largest output shard (default: {DEFAULT_MAX_SHARD_SIZE})")  # fmt: skip
@@ -241,7 +255,9 @@ def _add_export(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-compile", description="QLoRA as a compiler pipeline.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details; tracebacks for every error"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="quantize SmolLM2-135M, QLoRA fine-tune it on chatterbot-corpus, report (offline)"
@@ -299,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--optim-bits", type=int, default=32, choices=(32, 8), help="optimizer state bits (default: 32)"
     )
     plan.add_argument(
-        "--gradient-checkpointing", action="store_true", help="plan with gradient checkpointing"
-    )
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        help="plan with gradient checkpointing, as compile() trains by default (--no-gradient-checkpointing: without)",
+    )  # fmt: skip
     plan.add_argument(
         "--optim-budget", help="device memory for paged optimizer states (default: 10%% of the paged states)"
     )
@@ -324,9 +341,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except QLoRAError as e:  # the user's input: one line (and the traceback with -v)
+        if args.verbose:
+            traceback.print_exc()
         print(f"qlora-compile {args.command}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001  (a bug or the machine: keep the whole traceback)
+        extra = _EXTRAS.get((getattr(e, "name", None) or "").partition(".")[0])
+        if isinstance(e, ModuleNotFoundError) and extra is not None:  # an optional extra not installed
+            print(
+                f"qlora-compile {args.command}: needs {e.name}: pip install 'qlora-compile[{extra}]'",
+                file=sys.stderr,
+            )
+            return 1
+        traceback.print_exc()
+        print(f"qlora-compile {args.command}: unexpected error (traceback above)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch
 from rich.console import Console
 from tqdm import tqdm
 
+from ..errors import InvalidArgumentError
 from . import assets
 
 logger = logging.getLogger(__name__)
@@ -65,11 +66,13 @@ class DemoConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_pairs", "max_new_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise InvalidArgumentError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
         if self.max_length < 16:
-            raise ValueError(f"--max-length must be at least 16, got {self.max_length}")
+            raise InvalidArgumentError(f"--max-length must be at least 16, got {self.max_length}")
         if self.train_pairs < 0:
-            raise ValueError(f"--train-pairs must be >= 0, got {self.train_pairs}")
+            raise InvalidArgumentError(f"--train-pairs must be >= 0, got {self.train_pairs}")
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -149,7 +152,7 @@ def prepare_data(tokenizer, cfg: DemoConfig, files: list[Path] | None = None):
     kept = [(p, e) for p, e in encoded if len(e[0]) <= cfg.max_length]
     random.Random(cfg.seed).shuffle(kept)
     if len(kept) <= cfg.eval_pairs:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"only {len(kept)} pairs fit in {cfg.max_length} tokens; need more than --eval-pairs"
         )
     held_out, train = kept[: cfg.eval_pairs], kept[cfg.eval_pairs :]

@@ -75,6 +75,8 @@ def test_gpt2_conv1d_folder_loads_as_quantized_linear(tmp_path):
     )
     model = qlora_compile.load_quantized(tmp_path / "ref")
     assert _assert_holds_file_bytes(model, tmp_path / "ref") == 8
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert c_attn.fan_in_fan_out and c_attn.weight.shape == (c_attn.in_features, c_attn.out_features)
     ids = torch.tensor([[3, 9, 27, 81, 4]])
     # train mode: in eval mode bitsandbytes' CPU forward repacks the weight with bf16 absmax (lossy)
     model.train(), ref.train()

@@ -3,20 +3,14 @@
 import pytest
 import torch
 
-from qlora_compile.codes import dynamic_lut, dynamic_map
-from qlora_compile.optim.quant8 import (
-    dequantize_blockwise,
-    lookup_table,
-    quantize_blockwise,
-    unsigned_dynamic_map,
-)
+from qlora_compile.codes import dynamic_map
+from qlora_compile.optim.quant8 import dequantize_blockwise, quantize_blockwise
 from tests.bnb_oracle import bnbf
 
 
 def test_maps_equal_bitsandbytes():
-    assert torch.equal(unsigned_dynamic_map(), bnbf.create_dynamic_map(signed=False))
+    assert torch.equal(dynamic_map(signed=False), bnbf.create_dynamic_map(signed=False))
     assert torch.equal(dynamic_map(), bnbf.create_dynamic_map(signed=True))
-    assert torch.equal(lookup_table(True), dynamic_lut())  # the nested-absmax table, reused
 
 
 @pytest.mark.parametrize("signed", [True, False])

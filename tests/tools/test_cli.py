@@ -11,14 +11,70 @@ from qlora_compile.tools import cli, demo
 
 
 def test_info_reports_kernels(capsys):
+    """`info` says which CPU kernel this machine uses: the native one where a C compiler built it,
+    else the torch path (no compiler is not an error)."""
+    from qlora_compile.kernels import native
+
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "qlora-compile" in out and "CPU kernel: native" in out
+    expected = "native (built and loaded)" if native.available() else "vectorized torch"
+    assert "qlora-compile" in out and f"CPU kernel: {expected}" in out
+
+
+@pytest.fixture
+def no_c_compiler(monkeypatch, tmp_path):
+    """This process as on a machine without a C compiler (and no kernel built before)."""
+    from qlora_compile.kernels import native
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("QLORA_COMPILE_NATIVE", raising=False)
+    monkeypatch.setenv("QLORA_COMPILE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    native._library.cache_clear()
+    yield
+    native._library.cache_clear()  # the next caller loads the real build again
+
+
+def test_info_without_a_c_compiler(no_c_compiler, capsys, caplog):
+    from qlora_compile.kernels import native
+
+    assert cli.main(["info"]) == 0
+    assert "CPU kernel: vectorized torch" in capsys.readouterr().out
+    assert not native.available() and "no C compiler found" in caplog.text
 
 
 def test_bad_input_exits_2(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path), "--steps", "0"]) == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_unless_verbose(tmp_path, capsys):
+    argv = ["plan", str(tmp_path / "config.json"), "--gpu-memory", "48"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "qlora-compile plan: --gpu-memory '48': a unit is required; use B, KB, MB, GB, TB (powers of 10) "
+        "or KiB, MiB, GiB, TiB"
+    ]
+    assert cli.main(["-v", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "InvalidArgumentError" in err
+    assert err.rstrip().splitlines()[-1].startswith("qlora-compile plan: --gpu-memory '48'")
+
+
+def test_internal_error_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    """A bug is not bad input: not exit 2, and not one tidy line that hides where it happened."""
+    import qlora_compile.plan
+
+    def broken(*args, **kwargs):
+        raise KeyError("num_hidden_layers")
+
+    monkeypatch.setattr(qlora_compile.plan, "plan_memory", broken)
+    assert cli.main(["plan", str(tmp_path / "config.json"), "--gpu-memory", "48GB"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert "KeyError: 'num_hidden_layers'" in err
+    assert err.rstrip().splitlines()[-1] == "qlora-compile plan: unexpected error (traceback above)"
 
 
 def test_parse_pairs(tmp_path):
@@ -131,3 +187,18 @@ def test_demo_end_to_end(tmp_path, smollm2_dir):
     assert set(answers) >= {"after fine-tuning", "merged export (bf16)", "ONNX export (onnxruntime)"}
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "report.md").read_text().startswith("# qlora-compile demo")
+
+
+def test_missing_extra_names_it(tmp_path, capsys, monkeypatch):
+    """An optional dependency not installed (here: as if onnxruntime were missing) is one line that
+    says which extra installs it, not a traceback."""
+    import qlora_compile.plan
+
+    def needs_onnxruntime(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")
+
+    monkeypatch.setattr(qlora_compile.plan, "plan_memory", needs_onnxruntime)
+    assert cli.main(["plan", str(tmp_path / "config.json"), "--gpu-memory", "48GB"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "qlora-compile plan: needs onnxruntime: pip install 'qlora-compile[onnx]'"
+    ]

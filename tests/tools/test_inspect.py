@@ -16,7 +16,7 @@ import transformers
 
 import qlora_compile
 from qlora_compile import QLoRAConfig, quantize_weight
-from qlora_compile.inspect import inspect_model, quantized_nbytes, rewrite_rows, rewrite_storage_meta, trace
+from qlora_compile.inspect import inspect_model, meta_quantizer, quantized_nbytes, rewrite_rows, trace
 from qlora_compile.tools import cli
 from qlora_compile.tools.inspect_view import render_html
 
@@ -105,7 +105,7 @@ def test_rewrite_table_equals_real_rewrite(family, dtype):
     real = cls._from_config(config, dtype=dtype)
     with torch.device("meta"):
         meta = cls._from_config(config, dtype=dtype)
-    rows = rewrite_rows(rewrite_storage_meta(meta, qconfig))
+    rows = rewrite_rows(qlora_compile.pipeline.rewrite_storage(meta, qconfig, meta_quantizer(qconfig)))
     expected = rewrite_rows(qlora_compile.pipeline.rewrite_storage(real, qconfig))
     assert rows == expected and any(r["status"] == "skipped" for r in rows)
     assert sum(r["status"] == "quantized" for r in rows) == {"gpt2": 8, "opt": 12, "bert": 13}[family]

@@ -14,10 +14,10 @@ from qlora_compile.plan import (
     activation_bytes,
     optimizer_state_bytes,
     optimizer_state_split,
-    parse_memory,
     plan_memory,
 )
 from qlora_compile.tools import cli
+from qlora_compile.units import parse_size
 
 LLAMA_65B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
              "intermediate_size": 22016, "num_hidden_layers": 80, "num_attention_heads": 64,
@@ -41,24 +41,6 @@ def _write(config, tmp_path):
     path = tmp_path / "config.json"
     config.to_json_file(path)
     return path
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [("48GB", 48 * 10**9), ("48GiB", 48 * 2**30), ("48 gib", 48 * 2**30), ("1.5TB", 15 * 10**11),
-     ("512MiB", 512 * 2**20), ("100B", 100)],
-)  # fmt: skip
-def test_parse_memory(text, expected):
-    assert parse_memory(text) == expected
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [("48", "a unit is required"), ("48GX", "unknown unit 'GX'"), ("lots", "not a number with a unit")],
-)
-def test_parse_memory_errors(text, message):
-    with pytest.raises(ValueError, match=message):
-        parse_memory(text)
 
 
 def test_optimizer_state_rule():
@@ -194,7 +176,7 @@ def test_llama_65b_fits_in_48gb(tmp_path):
     gradient checkpointing, batch 1 x 512) fits on one 48 GB GPU; without checkpointing it does not."""
     path = tmp_path / "llama-65b.json"
     path.write_text(json.dumps(LLAMA_65B))
-    plan = plan_memory(path, gpu_memory=parse_memory("48GB"), gradient_checkpointing=True)
+    plan = plan_memory(path, gpu_memory=parse_size("48GB"))  # compile()'s defaults: checkpointing on
     h, i, layers = 8192, 22016, 80
     linear = layers * (4 * h * h + 3 * h * i)
     assert plan.persistent["4-bit weights"] == linear // 2
@@ -205,23 +187,30 @@ def test_llama_65b_fits_in_48gb(tmp_path):
     assert plan.optimizer["total"] == 8 * lora and plan.optimizer["paged"] == 8 * lora
     assert plan.fits and plan.largest.name == "4-bit weights"
     assert 40e9 < plan.total < 48e9
-    no_ckpt = plan_memory(path, gpu_memory=parse_memory("48GB"))
+    assert plan.settings["gradient_checkpointing"]
+    assert "activations (with checkpointing)" in [t.name for t in plan.terms]
+    no_ckpt = plan_memory(path, gpu_memory=parse_size("48GB"), gradient_checkpointing=False)
     assert not no_ckpt.fits and no_ckpt.largest.name.startswith("activations")
 
 
 def test_cli_plan(tmp_path, capsys):
     path = tmp_path / "llama-65b.json"
     path.write_text(json.dumps(LLAMA_65B))
-    assert cli.main(["plan", str(path), "--gpu-memory", "48GB", "--gradient-checkpointing"]) == 0
+    assert cli.main(["plan", str(path), "--gpu-memory", "48GB"]) == 0  # checkpointing, as compile() does
     out = capsys.readouterr().out
     assert (
         "Verdict: fits" in out
         and "largest term: 4-bit weights" in out
         and "optimizer states on device" in out
+        and "activations (with checkpointing)" in out
     )
+    assert cli.main(["plan", str(path), "--gpu-memory", "48GB", "--no-gradient-checkpointing", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert not data["fits"] and data["largest"] == "activations (without checkpointing)"
+    assert data["settings"]["gradient_checkpointing"] is False
     assert cli.main(["plan", str(path), "--gpu-memory", "24GB", "--optim-bits", "8"]) == 0
     assert "does NOT fit" in capsys.readouterr().out
-    assert cli.main(["plan", str(path), "--gpu-memory", "48GB", "--gradient-checkpointing", "--json"]) == 0
+    assert cli.main(["plan", str(path), "--gpu-memory", "48GB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["schema_version"] == 1 and data["fits"] and data["largest"] == "4-bit weights"
     assert data["total"] == sum(t["bytes"] for t in data["terms"]) <= data["gpu_memory"] == 48 * 10**9

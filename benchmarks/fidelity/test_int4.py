@@ -1,10 +1,10 @@
-"""The reference Int4 quantizer of the fidelity benchmark (qlora_compile.int4)."""
+"""The reference Int4 quantizer of the fidelity benchmark (`int4.py` beside it; `make test` runs this)."""
 
 import pytest
 import torch
+from int4 import quantize_int4
 
 from qlora_compile import quantize_weight
-from qlora_compile.int4 import quantize_int4
 from qlora_compile.kernels.cpu import decode_absmax, quantize_nested
 
 

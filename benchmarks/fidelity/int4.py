@@ -1,8 +1,8 @@
 """A reference symmetric absmax Int4 quantizer, for data-type comparisons only.
 
 Int4 is not a bitsandbytes 4-bit type and not a storage format of this library (`quantize_weight`
-takes "nf4" and "fp4" only, as bitsandbytes does). It is the paper's third data type, kept here
-so that the fidelity benchmark and its test compare NF4, FP4 and Int4 on equal terms:
+takes "nf4" and "fp4" only, as bitsandbytes does). It is the paper's third data type, kept beside
+the fidelity benchmark (`run.py`) so that it compares NF4, FP4 and Int4 on equal terms:
 
 - blocks of `blocksize` elements along the flattened (row-major) weight, as the 4-bit format;
 - absmax per block in fp32; a value `x` is stored as the integer `q = round(x * 7 / absmax)` in
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.cpu import decode_absmax, quantize_nested
+from qlora_compile.kernels.cpu import decode_absmax, quantize_nested
 
 INT4_LEVELS = 7  # codes -7..7, scaled by absmax / 7
 
