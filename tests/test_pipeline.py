@@ -12,11 +12,11 @@ from torch import nn
 
 import qlora_compile
 from qlora_compile import LoRALinear, QLoRAConfig, QLoRALinear
-from tests.models import CONFIGS, tiny_model
+from tests.models import CONFIGS, MODEL_CLASSES, tiny_model
 
 FAST = {"backend": "aot_eager", "r": 4, "compute_dtype": torch.float32}
 
-FAMILIES = [f for f in CONFIGS if f != "t5"]  # the causal LMs
+FAMILIES = [f for f in CONFIGS if f not in MODEL_CLASSES]  # the causal LMs
 
 
 # products merged by fuse_shared_input, and the groups they form, over 2 layers:
