@@ -2,8 +2,9 @@
 this CPU), gradient checkpointing, batches padded per batch so their shapes change, generate() with
 a growing KV cache, and transformers.Trainer with a padding collator.
 
-Each test compiles the same small Llama, so Inductor's FX graph cache (cold at the start of the
-session) serves graphs a previous test in this file already lowered. Only compute_dtype=float32 and
+Each test compiles the same small Llama, one decoder layer (the other layers are the same code, and
+a second one made Inductor's lowering 40% longer), so Inductor's FX graph cache (cold at the start
+of the session) serves graphs a previous test in this file already lowered. Only compute_dtype=float32 and
 lora_dropout=0 are changed where a test compares with eager (bf16 and dropout draws would not be
 comparable at 1e-5); r is small to keep the model small.
 """
@@ -27,7 +28,7 @@ EXACT = {"r": 8, "compute_dtype": torch.float32, "lora_dropout": 0.0}
 
 
 def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    return tiny_model("llama", seed=seed, max_position_embeddings=128, pad_token_id=0)
+    return tiny_model("llama", seed=seed, max_position_embeddings=128, pad_token_id=0, num_hidden_layers=1)
 
 
 def randomize_lora_B(model, seed: int = 1) -> None:
