@@ -26,8 +26,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# the suite on both cores of the reference machine: each test file runs whole in one worker, so a
+# file's shared fixtures (compiled models) are built once
+PYTEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: install
 	$(PY) benchmarks/bench_format.py

