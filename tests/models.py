@@ -57,8 +57,15 @@ def tiny_model(
 
 
 def save_tiny(
-    path: Path, family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+    path: Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    **overrides: Any,
 ) -> Path:
-    """`tiny_model(...)` saved as an HF folder at `path`."""
-    tiny_model(family, seed=seed, dtype=dtype, **overrides).save_pretrained(path)
+    """`tiny_model(...)` saved as an HF folder at `path` (in shards of `max_shard_size`, if given)."""
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    tiny_model(family, seed=seed, dtype=dtype, **overrides).save_pretrained(path, **shards)
     return Path(path)

@@ -11,6 +11,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from tests.models import save_tiny
+
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 transformers.logging.set_verbosity_error()
 
@@ -18,34 +20,19 @@ transformers.logging.set_verbosity_error()
 def tiny_llama(
     path: Path, *, dtype=torch.float32, tie=False, layers=2, max_shard_size="1GB", **overrides
 ) -> Path:
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+    save_tiny(
+        path, "llama", dtype=dtype, max_shard_size=max_shard_size, hidden_size=64, num_hidden_layers=layers,
+        vocab_size=256, max_position_embeddings=2048, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
         pad_token_id=0, **overrides,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
     (path / "tokenizer_config.json").write_text('{"model_max_length": 128}')
     return path
 
 
 def tiny_gpt2(path: Path, *, dtype=torch.bfloat16) -> Path:
     """GPT-2 (Conv1D layers), saved in `dtype` with no dtype in config.json (found from the weights)."""
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=128,
-        n_head=4,
-        vocab_size=128,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).to(dtype).save_pretrained(path)
+    save_tiny(path, "gpt2", dtype=dtype, n_embd=128, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+              embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     cfg = json.loads((path / "config.json").read_text())
     cfg.pop("dtype", None)
     cfg.pop("torch_dtype", None)

@@ -7,25 +7,16 @@ import torch
 import transformers
 
 import qlora_compile
+from tests.models import tiny_model
 
 VOCAB = 320
 
 
 def tiny_llama(tie: bool = True, bias: bool = False) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-        attention_bias=bias,
-        mlp_bias=bias,
-    )
-    torch.manual_seed(1)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_model(
+        "llama", seed=1, vocab_size=VOCAB, hidden_size=128, intermediate_size=256, max_position_embeddings=256,
+        tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias,
+    ).eval()  # fmt: skip
     with torch.no_grad():  # a spread of magnitudes, so blocks and layers differ
         for p in model.parameters():
             p.normal_(0, 0.05)
