@@ -2,7 +2,8 @@
 
 Tests that need a model of their own shape pass overrides (`tiny_model("llama", hidden_size=128)`)
 instead of writing another config; a test module with a table of families (tests/test_families.py,
-tests/test_experts.py) keeps its table, but builds through `tiny_model` / `save_tiny`.
+tests/test_experts.py, tests/tools/test_inspect.py) keeps its table of configs and builds with
+`build`.
 """
 
 from __future__ import annotations
@@ -45,15 +46,26 @@ def tiny_config(family: str = "llama", **overrides: Any) -> transformers.Pretrai
     return config_cls(**{**defaults, **overrides})
 
 
-def tiny_model(
-    family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+def build(
+    config: transformers.PretrainedConfig,
+    model_cls: type | None = None,
+    *,
+    seed: int | None = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
-    """A random `family` model (its causal-LM class, or MODEL_CLASSES'), seeded, in `dtype`."""
-    config = tiny_config(family, **overrides)
-    torch.manual_seed(seed)
-    model_cls = MODEL_CLASSES.get(family)
+    """A random model of `config`: `model_cls(config)`, or the causal LM transformers maps it to;
+    seeded first unless `seed` is None; in `dtype`."""
+    if seed is not None:
+        torch.manual_seed(seed)
     model = model_cls(config) if model_cls else transformers.AutoModelForCausalLM.from_config(config)
     return model.to(dtype)
+
+
+def tiny_model(
+    family: str = "llama", *, seed: int | None = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> torch.nn.Module:
+    """A random `family` model (its causal-LM class, or MODEL_CLASSES'), seeded, in `dtype`."""
+    return build(tiny_config(family, **overrides), MODEL_CLASSES.get(family), seed=seed, dtype=dtype)
 
 
 def save_tiny(

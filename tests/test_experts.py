@@ -21,6 +21,7 @@ import qlora_compile
 from qlora_compile import QLoRAConfig, QLoRALinear, quantize_weight
 from qlora_compile.experts import QuantizedExperts
 from tests.bnb_oracle import quantize as bnb_quantize
+from tests.models import build
 
 EXPERTS = ["gate_up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -39,7 +40,7 @@ FAMILIES = {
 
 
 def moe_model(family: str, layers: int = 2) -> nn.Module:
-    return transformers.AutoModelForCausalLM.from_config(FAMILIES[family](layers)).float()
+    return build(FAMILIES[family](layers), seed=None)
 
 
 def save_moe(path, family: str):

@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from qlora_compile import LoRALinear, QLoRALinear
+from tests.models import build
 from tests.peft_oracle import ours, peft_lora_modules, peft_reference, peft_saved_modules
 
 pytestmark = pytest.mark.slow  # Inductor compiles C++: about a minute a model on 2 cores
@@ -128,8 +129,7 @@ def save_tiny(family: Family, path: Path) -> transformers.PretrainedConfig:
     for key, value in config.to_dict().items():
         if "drop" in key and isinstance(value, float):
             setattr(config, key, 0.0)
-    torch.manual_seed(0)
-    family.model_cls(config).save_pretrained(path)
+    build(config, family.model_cls).save_pretrained(path)
     return config
 
 

@@ -19,6 +19,7 @@ from qlora_compile import QLoRAConfig, quantize_weight
 from qlora_compile.inspect import inspect_model, meta_quantizer, quantized_nbytes, rewrite_rows, trace
 from qlora_compile.tools import cli
 from qlora_compile.tools.inspect_view import render_html
+from tests.models import build
 
 SMALL_LLAMA = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
@@ -38,8 +39,7 @@ def test_quantized_nbytes_equals_real(shape, blocksize, double_quant):
 
 
 def _save(model_cls, config, directory: Path) -> Path:
-    torch.manual_seed(0)
-    model_cls(config).float().save_pretrained(directory)
+    build(config, model_cls).save_pretrained(directory)
     return directory
 
 
