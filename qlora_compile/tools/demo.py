@@ -24,12 +24,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import math
 import random
-import struct
 import sys
 import time
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -435,92 +432,22 @@ def _print(console: Console, s: dict) -> None:
             console.print(f"[bold]{key}[/]: {a[key]}")
 
 
-# ---- a small PNG plot (no plotting dependency) ------------------------------------------------
-
-_DIGITS = {  # 3x5 bitmaps, rows top to bottom
-    "0": ("111", "101", "101", "101", "111"),
-    "1": ("010", "110", "010", "010", "111"),
-    "2": ("111", "001", "111", "100", "111"),
-    "3": ("111", "001", "111", "001", "111"),
-    "4": ("101", "101", "111", "001", "001"),
-    "5": ("111", "100", "111", "001", "111"),
-    "6": ("111", "100", "111", "101", "111"),
-    "7": ("111", "001", "001", "001", "001"),
-    "8": ("111", "101", "111", "101", "111"),
-    "9": ("111", "101", "111", "001", "111"),
-    ".": ("000", "000", "000", "000", "010"),
-}
-
-
-def write_png(path: Path, rows: list[bytearray], width: int) -> None:
-    """8-bit RGB PNG from rows of `3 * width` bytes (filter 0 on every row)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    raw = b"".join(b"\x00" + bytes(r) for r in rows)
-    header = struct.pack(">IIBBBBB", width, len(rows), 8, 2, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 9))
-        + chunk(b"IEND", b"")
-    )
-
-
 def write_loss_png(
     path: Path, losses: list[float], before: float, after: float, w: int = 640, h: int = 360
 ) -> None:
-    """Training loss per step (blue), held-out loss before and after (red squares, dashed line);
-    the y axis is labelled with its bottom and top loss, the x axis with the step count."""
-    rows = [bytearray(b"\xff" * 3 * w) for _ in range(h)]
-    left, right, top, bottom = 48, w - 16, 16, h - 28
+    """Training loss per step, and the held-out loss before and after (red squares, dashed), as a
+    `w` x `h` PNG drawn by matplotlib (a Figure of its own: no pyplot state, no display needed).
+    Non-finite losses leave gaps."""
+    from matplotlib.figure import Figure
 
-    def put(x: int, y: int, rgb: tuple[int, int, int]) -> None:
-        if 0 <= x < w and 0 <= y < h:
-            rows[y][3 * x : 3 * x + 3] = bytes(rgb)
-
-    def line(x0: int, y0: int, x1: int, y1: int, rgb, dash: int = 0) -> None:
-        n = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for i in range(n + 1):
-            if dash and (i // dash) % 2:
-                continue
-            put(round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n), rgb)
-
-    def text(x: int, y: int, s: str, scale: int = 2) -> None:
-        for ch in s:
-            for r, bits in enumerate(_DIGITS.get(ch, ("000",) * 5)):
-                for c, bit in enumerate(bits):
-                    if bit == "1":
-                        for dy in range(scale):
-                            for dx in range(scale):
-                                put(x + c * scale + dx, y + r * scale + dy, (0, 0, 0))
-            x += 4 * scale
-
-    values = [v for v in losses + [before, after] if math.isfinite(v)]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    lo, hi = math.floor(lo * 10) / 10, math.ceil(hi * 10) / 10
-    hi = hi if hi > lo else lo + 0.1
-    steps = max(len(losses), 1)
-
-    def px(step: float) -> int:
-        return round(left + (right - left) * step / steps)
-
-    def py(v: float) -> int:
-        return round(bottom - (bottom - top) * (v - lo) / (hi - lo))
-
-    line(left, top, left, bottom, (0, 0, 0))
-    line(left, bottom, right, bottom, (0, 0, 0))
-    text(4, top - 4, f"{hi:.1f}")
-    text(4, bottom - 6, f"{lo:.1f}")
-    text(right - 24, bottom + 8, str(len(losses)))
-    text(left - 4, bottom + 8, "0")
-    points = [(px(i + 1), py(v)) for i, v in enumerate(losses) if math.isfinite(v)]
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
-        line(x0, y0, x1, y1, (31, 119, 180))
-    line(px(0), py(before), px(steps), py(after), (214, 39, 40), dash=4)
-    for x, y in ((px(0), py(before)), (px(steps), py(after))):
-        for dy in range(-3, 4):
-            for dx in range(-3, 4):
-                put(x + dx, y + dy, (214, 39, 40))
-    write_png(path, rows, w)
+    fig = Figure(figsize=(w / 100, h / 100), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(range(1, len(losses) + 1), losses, color="tab:blue", label="training loss (answer tokens)")
+    ax.plot(
+        [0, len(losses)], [before, after], "s--", color="tab:red", label="held-out loss, before and after"
+    )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
