@@ -81,3 +81,15 @@ def save_tiny(
     shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     tiny_model(family, seed=seed, dtype=dtype, **overrides).save_pretrained(path, **shards)
     return Path(path)
+
+
+def train_steps(model: torch.nn.Module, batches) -> list[float]:
+    """One `model.qlora.step()` per batch (a dict of forward arguments) in train mode; the losses."""
+    model.train()
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        model.qlora.step()
+        losses.append(loss.item())
+    return losses

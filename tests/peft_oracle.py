@@ -85,6 +85,16 @@ def peft_saved_modules(model):
     }
 
 
+def assert_lora_grads_match(our_model, ref, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Every LoRA A and B gradient of `our_model` equals PEFT's (`ref`) for the same module."""
+    layers = dict(our_model.named_modules())
+    for name, m in peft_lora_modules(ref).items():
+        for ab in ("A", "B"):
+            grad = getattr(layers[name], f"lora_{ab}").weight.grad
+            grad_ref = getattr(m, f"lora_{ab}")["default"].weight.grad
+            torch.testing.assert_close(grad, grad_ref, rtol=rtol, atol=atol, msg=f"{name}.lora_{ab}")
+
+
 def peft_reference(
     base_dir,
     our_model,

@@ -19,7 +19,7 @@ from tokenizers.models import WordLevel
 
 import qlora_compile
 from qlora_compile import QLoRALinear
-from tests.models import tiny_model
+from tests.models import tiny_model, train_steps
 
 pytestmark = pytest.mark.slow  # Inductor compiles C++: about a minute a model on 2 cores
 
@@ -78,17 +78,6 @@ def assert_same_losses(compiled: list[float], eager: list[float]) -> None:
         assert abs(a - b) <= 1e-5, f"step {step}: compiled {a:.7f}, eager {b:.7f}"
 
 
-def train(model, batches) -> list[float]:
-    model.train()
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        model.qlora.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_training_with_changing_shapes_matches_eager(tokenizer):
     collate = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
     batches = [collate(examples(lengths, seed=i)) for i, lengths in enumerate(BATCHES)]
@@ -98,9 +87,9 @@ def test_training_with_changing_shapes_matches_eager(tokenizer):
     model, reference = compiled_and_eager()
     assert model.qlora.config.backend == "inductor" and model.is_gradient_checkpointing
 
-    compiled = train(model, batches)
+    compiled = train_steps(model, batches)
     with torch.compiler.set_stance("force_eager"):
-        eager = train(reference, batches)
+        eager = train_steps(reference, batches)
     assert_same_losses(compiled, eager)
     assert compiled[-1] != compiled[0]
     # the first shape compiles a static graph, the second a dynamic one that serves every later shape

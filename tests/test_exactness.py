@@ -8,7 +8,16 @@ from peft import PeftModel
 
 import qlora_compile
 from qlora_compile import QLoRALinear
-from tests.peft_oracle import ALPHA, R, bnb_base, llama_folder, ours, peft_lora_modules, peft_reference
+from tests.peft_oracle import (
+    ALPHA,
+    R,
+    assert_lora_grads_match,
+    bnb_base,
+    llama_folder,
+    ours,
+    peft_lora_modules,
+    peft_reference,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +49,7 @@ def test_logits_and_lora_gradients_match(base_dir):
     torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-5, atol=1e-5)
     out.loss.backward()
     out_ref.loss.backward()
-    layers = dict(model.named_modules())
-    for name, m in peft_lora_modules(ref).items():
-        for ab in ("A", "B"):
-            ours_grad = getattr(layers[name], f"lora_{ab}").weight.grad
-            theirs_grad = getattr(m, f"lora_{ab}")["default"].weight.grad
-            torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-4, atol=1e-6, msg=f"{name}.lora_{ab}")
+    assert_lora_grads_match(model, ref)
 
 
 def test_training_tracks_reference_loss_curve(base_dir):

@@ -21,7 +21,7 @@ import qlora_compile
 from qlora_compile import QLoRAConfig, QLoRALinear, quantize_weight
 from qlora_compile.experts import QuantizedExperts
 from tests.bnb_oracle import quantize as bnb_quantize
-from tests.models import build
+from tests.models import build, train_steps
 
 EXPERTS = ["gate_up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -232,12 +232,7 @@ def test_loss_falls_over_20_steps(family):
     ids = torch.randint(0, 128, (4, 16))
     qlora_compile.compile(model, **{**FAST, "lr": 1e-2}, target_parameters=EXPERTS)
     model.train()
-    losses = []
-    for _ in range(20):
-        loss = model(ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        model.qlora.step()
-        losses.append(loss.item())
+    losses = train_steps(model, [{"input_ids": ids, "labels": ids, "use_cache": False}] * 20)
     assert losses[-1] < 0.85 * losses[0] and all(
         b < a for a, b in zip(losses[:-1], losses[1:], strict=True)
     ), losses

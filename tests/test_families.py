@@ -17,8 +17,14 @@ import torch
 import transformers
 
 from qlora_compile import LoRALinear, QLoRALinear
-from tests.models import build
-from tests.peft_oracle import ours, peft_lora_modules, peft_reference, peft_saved_modules
+from tests.models import build, train_steps
+from tests.peft_oracle import (
+    assert_lora_grads_match,
+    ours,
+    peft_lora_modules,
+    peft_reference,
+    peft_saved_modules,
+)
 
 pytestmark = pytest.mark.slow  # Inductor compiles C++: about a minute a model on 2 cores
 
@@ -181,12 +187,8 @@ def test_matches_peft_reference(name, cases, monkeypatch):
     torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-5, atol=1e-5)
     out.loss.backward()
     out_ref.loss.backward()
+    assert_lora_grads_match(model, ref)
     layers = dict(model.named_modules())
-    for n, m in peft_lora_modules(ref).items():
-        for ab in ("A", "B"):
-            grad = getattr(layers[n], f"lora_{ab}").weight.grad
-            grad_ref = getattr(m, f"lora_{ab}")["default"].weight.grad
-            torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6, msg=f"{n}.lora_{ab}")
     for n, m in peft_saved_modules(ref).items():  # the head: dense on both sides, trained in full
         mine = dict(layers[n].named_parameters())
         assert all(type(x) is torch.nn.Linear for x in layers[n].modules() if isinstance(x, torch.nn.Linear))
@@ -222,12 +224,7 @@ def test_trains_without_graph_break(name, cases):
     assert report.modules_to_save == {n: sum(p.numel() for p in m.parameters()) for n, m in heads.items()}
     assert report.trainable == sum(p.numel() for p in params)
     assert all(f"trained in full (modules_to_save): {n}" in str(report) for n in heads)
-    losses = []
-    for _ in range(20):
-        loss = case.model(**case.inputs).loss
-        loss.backward()
-        case.model.qlora.step()
-        losses.append(loss.item())
+    losses = train_steps(case.model, [case.inputs] * 20)
     assert losses[-1] < losses[0], losses
     for n, m in heads.items():  # every tensor of the head trained
         assert all(not torch.equal(p, old) for p, old in zip(m.parameters(), before[n], strict=True)), n

@@ -14,6 +14,7 @@ from qlora_compile.checkpoint import model_folder
 from qlora_compile.experts import QuantizedExperts
 from qlora_compile.lora import QLoRALinear
 from tests.checkpoint.convert_helpers import bnb_reference, raw, read_tensors
+from tests.models import train_steps
 from tests.test_experts import save_moe
 
 FAST = {"backend": "aot_eager", "r": 4, "lora_alpha": 8, "compute_dtype": torch.float32, "lora_dropout": 0.0}
@@ -111,12 +112,7 @@ def test_loaded_experts_take_lora_and_train(converted):
     qlora_compile.compile(model, **{**FAST, "lr": 1e-2}, target_parameters=EXPERTS)
     model.train()
     ids = torch.randint(0, 128, (2, 12))
-    losses = []
-    for _ in range(3):
-        loss = model(ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        model.qlora.step()
-        losses.append(loss.item())
+    losses = train_steps(model, [{"input_ids": ids, "labels": ids, "use_cache": False}] * 3)
     assert losses[-1] < losses[0]
     stacks = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
     assert stacks and all(m.lora_B.weight.abs().sum() > 0 for m in stacks)
