@@ -5,7 +5,9 @@
 - `choose_kernel`: fix each product's kernel from its shape and device.
 
 `make_backend` runs them in that order on every graph Dynamo captures (sub-graphs included),
-adds their counts to the compile report, then hands the graph to Inductor / aot_eager / eager.
+adds their counts to the compile report, then hands the graph to Inductor / aot_eager / eager
+(for eager, after `eager_checkpoint`: checkpointed layers recompute with the forward's random
+state).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import fx
 
 from .choose_kernel import choose_kernel
+from .eager_checkpoint import eager_checkpoint
 from .fuse_lora import fuse_lora
 from .fuse_shared_input import fuse_shared_input
 
@@ -48,6 +51,7 @@ def make_backend(config, report):
         for name, n in counts.items():
             report.passes[name] = report.passes.get(name, 0) + n
         if config.backend == "eager":
+            eager_checkpoint(gm)
             return gm.forward
         return torch._dynamo.lookup_backend(config.backend)(gm, example_inputs)
 
