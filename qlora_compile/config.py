@@ -14,6 +14,7 @@ from .errors import InvalidConfigError
 
 FilterFn = Callable[[nn.Module, str], bool]
 _BACKENDS = ("inductor", "aot_eager", "eager")
+_SCOPES = ("layers", "model")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,14 @@ class QLoRAConfig:
         clip_per_parameter: clip each parameter's gradient to max_grad_norm on its own instead of
             by the global norm.
         backend: what compiles the graph after our passes: "inductor", "aot_eager" or "eager".
+        compile_scope: "layers" (default): regional compilation. Each repeated block of the model
+            (the classes transformers lists in `_no_split_modules`, such as LlamaDecoderLayer) is
+            compiled once, and that code serves every layer of the same structure; the embeddings,
+            final norm, head and loss run as they are. Forwards that carry a KV cache (`generate()`)
+            run the blocks uncompiled: Dynamo specializes a block on its cache slot, so one
+            compiled block cannot serve every layer there. A model without such blocks is
+            compiled whole. "model": one graph of the whole forward, `generate()` included
+            (compile time grows with depth).
     """
 
     quant_type: str = "nf4"
@@ -80,6 +89,7 @@ class QLoRAConfig:
     step_in_backward: bool = False
     clip_per_parameter: bool = False
     backend: str = "inductor"
+    compile_scope: str = "layers"
 
     def __post_init__(self) -> None:
         _one_of("quant_type", self.quant_type, QUANT_TYPES)
@@ -87,6 +97,7 @@ class QLoRAConfig:
         _one_of("compute_dtype", self.compute_dtype, tuple(FLOAT_DTYPES.values()))
         _one_of("optim_bits", self.optim_bits, (32, 8))
         _one_of("backend", self.backend, _BACKENDS)
+        _one_of("compile_scope", self.compile_scope, _SCOPES)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise InvalidConfigError(f"r must be a positive int, got {self.r!r}")
         if not self.lora_alpha > 0:

@@ -49,6 +49,7 @@ import json
 import linecache
 import math
 from collections import Counter
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -283,26 +284,39 @@ def _break(reason) -> dict:
 
 
 def example_call(model: nn.Module, batch_size: int, seq_len: int) -> tuple[tuple, dict]:
-    """The training call traced: token ids (labels too, for a causal LM)."""
+    """The training call traced: token ids (labels too, for a causal LM; an attention mask of
+    ones for a model that takes one: without it transformers checks the position ids for packed
+    sequences by reading values, which meta tensors do not have, outside the compiled blocks)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
     device = next(iter(model.parameters())).device
     ids = torch.randint(0, vocab, (batch_size, seq_len), device=device)
     name = type(model).__name__
     kwargs = {"labels": ids} if name.endswith(("ForCausalLM", "LMHeadModel")) else {}
+    if "attention_mask" in signature(model.forward).parameters:
+        kwargs["attention_mask"] = torch.ones_like(ids)
     if kwargs and getattr(model.config, "use_cache", None) is not None:
         kwargs["use_cache"] = False
     return (ids,), kwargs
 
 
-def trace(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[dict], list[dict]]:
-    """Dynamo-capture `model(*args, **kwargs)`, run our passes on each graph; (graphs, breaks)."""
-    original = model.forward
+def trace(
+    model: nn.Module, args: tuple, kwargs: dict, scope: str = "layers"
+) -> tuple[list[dict], list[dict]]:
+    """Dynamo-capture `model(*args, **kwargs)` as compile() compiles it (`scope`: its
+    `compile_scope`), run our passes on each graph; (graphs, breaks)."""
+    from torch._dynamo.backends.debugging import ExplainWithBackend
 
-    def forward(*a, **k):
-        return original(*a, **k)
-
+    explainer = ExplainWithBackend("eager")
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(forward)(*args, **kwargs)
+    if pipeline.compile_model(model, explainer, scope):
+        # compile() runs the code around the blocks as it is, but here the tensors are meta and
+        # that code reads values (transformers' mask checks): Dynamo runs it instead, on fake
+        # values, without recording it; each block call leaves it for the blocks' compiled code.
+        for block in pipeline.repeated_blocks(model):
+            block.forward = torch._dynamo.disable(block.forward, recursive=False)
+        model = torch.compile(model, backend="eager")
+    model(*args, **kwargs)
+    explained = explainer.output()
     graphs = []
     for index, gm in enumerate(explained.graphs):
         counts, made = run_passes_recorded(gm)
@@ -365,7 +379,7 @@ def inspect_model(
     traced_model.train()
     args, kwargs = example_call(traced_model, batch_size, seq_len)
     try:
-        graphs, breaks, error = *trace(traced_model, args, kwargs), None
+        graphs, breaks, error = *trace(traced_model, args, kwargs, config.compile_scope), None
     except Exception as e:  # the rewrite table stands on its own; say why there are no graphs
         torch._dynamo.reset()
         graphs, breaks, error = (
@@ -390,13 +404,14 @@ def inspect_model(
         "config": {
             "quant_type": config.quant_type, "blocksize": config.blocksize, "double_quant": config.double_quant,
             "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-            "gradient_checkpointing": config.gradient_checkpointing,
+            "gradient_checkpointing": config.gradient_checkpointing, "compile_scope": config.compile_scope,
             "compute_dtype": str(config.compute_dtype).removeprefix("torch."),
         },
         "traced": {
             "device": "meta", "layers": num_layers(small_config), "of_layers": total_layers,
             "batch_size": batch_size, "seq_len": seq_len, "mode": "train",
-            "call": "model(input_ids" + ", labels=input_ids" * ("labels" in kwargs) + ")",
+            "call": "model(input_ids" + ", labels=input_ids" * ("labels" in kwargs)
+            + ", attention_mask=ones" * ("attention_mask" in kwargs) + ")",
             "error": error,
         },
         "rewrites": rows,

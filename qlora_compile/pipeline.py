@@ -60,6 +60,7 @@ class Report:
     rewrites: list[Rewrite] = field(default_factory=list)
     passes: dict[str, int] = field(default_factory=dict)
     graphs: int = 0
+    compiled_blocks: int = 0  # blocks sharing one compiled function (compile_scope="layers"); 0: whole model
     dense_lora: list[str] = field(default_factory=list)  # linears kept dense, with LoRA (`LoRALinear`)
     modules_to_save: dict[str, int] = field(default_factory=dict)  # module -> parameters trained in full
     trainable: int = 0  # trainable parameters: LoRA and modules_to_save (counted by `model.qlora.report()`)
@@ -539,8 +540,29 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
         raise InvalidArgumentError(f"no eligible linear layer to quantize ({reasons})")
     model.qlora = QLoRAHandle(model, config, report, saved)
     _warn_backend_bugs(model, config.backend)
-    _compile_forward(model, make_backend(config, report))
+    report.compiled_blocks = compile_model(model, make_backend(config, report), config.compile_scope)
     return model
+
+
+def compile_model(model: nn.Module, backend, scope: str) -> int:
+    """torch.compile `model` in place with `backend`, as `compile_scope` `scope` says: its
+    repeated blocks ("layers", when it has them) or its whole forward. Returns how many blocks
+    share the compiled code (0: the whole model). `qlora_compile.inspect` traces through this too.
+    """
+    blocks = repeated_blocks(model) if scope == "layers" else []
+    if not blocks:
+        _compile_forward(model, backend)
+        return 0
+    compile_blocks(blocks, backend)
+    no_cache_by_default(model)
+    # The first block's input would need no gradient (the embeddings are frozen) and every other
+    # block's would: two compiled variants of one block. transformers' own hook (which PEFT's
+    # prepare_model_for_kbit_training turns on too) makes the embeddings' output need one, so one
+    # variant serves all; it costs the first block's input gradient. With the whole model compiled
+    # it stays off: Dynamo would break the graph at the hook.
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return len(blocks)
 
 
 def prepare_model(model: nn.Module, config: QLoRAConfig, quantize: Quantize | None = None) -> Report:
@@ -592,12 +614,58 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.disable_input_require_grads()
     # Training forwards would warn "use_cache=True is incompatible with gradient checkpointing"
     # through a logger, which Dynamo cannot trace: it falls back to eager for the whole forward.
-    # generate() still caches: it reads generation_config.use_cache. Encoder-decoders (T5) give
-    # their stacks configs of their own, so every config in the tree is set.
+    no_cache_by_default(model)
+
+
+def no_cache_by_default(model: nn.Module) -> None:
+    """`config.use_cache = False` everywhere in the tree: forwards that do not ask for a KV cache
+    get none (training forwards have no use for one). generate() still caches: it reads
+    generation_config.use_cache. Encoder-decoders (T5) give their stacks configs of their own, so
+    every config in the tree is set."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if getattr(config, "use_cache", False):
             config.use_cache = False
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, which `compile_scope="layers"` compiles: the entries of each
+    outermost `nn.ModuleList` whose entries share one class and hold a 4-bit or LoRA layer
+    (decoder layers, T5 blocks, encoder and decoder stacks). Empty for a model without one."""
+    ours = (LoRALayer, QuantizedLinear, _experts.QuantizedExperts)
+    blocks: list[nn.Module] = []
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not len(module) or inside(name, taken):
+            continue
+        if len({type(m) for m in module}) == 1 and any(isinstance(m, ours) for m in module.modules()):
+            blocks.extend(module)
+            taken.append(name)
+    return blocks
+
+
+def compile_blocks(blocks: list[nn.Module], backend) -> None:
+    """Regional compilation: one compiled function serves every block of the model.
+
+    It takes the block as its first argument, so Dynamo traces it as an input and the code
+    compiled for one block is reused by every block of the same structure (a recompile only for
+    another structure, another input's requires_grad or dynamic sizes). Its code object is this
+    model's own (see `_unique_code`). A call that carries a KV cache runs the block as it is.
+    """
+    from transformers.cache_utils import Cache
+
+    def block_forward(block, *args, **kwargs):
+        return type(block).forward(block, *args, **kwargs)
+
+    compiled = torch.compile(_unique_code(block_forward, "qlora_block"), backend=backend)
+
+    def forward(block, *args, **kwargs):
+        if any(isinstance(v, Cache) for v in (*args, *kwargs.values())):
+            return type(block).forward(block, *args, **kwargs)
+        return compiled(block, *args, **kwargs)
+
+    for block in blocks:
+        block.forward = types.MethodType(forward, block)
 
 
 def _compile_forward(model: nn.Module, backend) -> None:
@@ -613,9 +681,14 @@ def _compile_forward(model: nn.Module, backend) -> None:
     def forward(*args, **kwargs):
         return original(*args, **kwargs)
 
-    # Dynamo caches compiled code per code object, up to recompile_limit (8) variants: a shared
-    # wrapper would stop compiling after the eighth model. Each model gets its own code object.
-    code = forward.__code__.replace(co_name=f"qlora_forward_{next(_wrapper_ids)}")
-    forward = types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__)
+    forward = _unique_code(forward, "qlora_forward")
     functools.update_wrapper(forward, original)
     model.forward = torch.compile(forward, backend=backend)
+
+
+def _unique_code(fn: Callable, name: str) -> Callable:
+    """`fn` with a code object of its own. Dynamo caches compiled code per code object, up to
+    recompile_limit (8) variants: a wrapper shared by every model would stop compiling after the
+    eighth model. Each model gets its own."""
+    code = fn.__code__.replace(co_name=f"{name}_{next(_wrapper_ids)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, None, fn.__closure__)

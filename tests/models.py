@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import transformers
 
+from qlora_compile import pipeline
+
 SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
 
@@ -93,3 +95,28 @@ def train_steps(model: torch.nn.Module, batches) -> list[float]:
         model.qlora.step()
         losses.append(loss.item())
     return losses
+
+
+def graphs_without_us(plain: torch.nn.Module, ours: torch.nn.Module, run) -> int:
+    """How many graphs Dynamo makes of `plain` (the same model without us) during `run(plain)`,
+    compiled as `qlora_compile.compile` compiled `ours`: its repeated blocks (the same paths), or
+    whole. Our graph count equal to this one means we added no graph break.
+
+    Counted by a backend, not `torch._dynamo.explain`: that resets Dynamo, which would make the
+    compiled models a test module shares compile again."""
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    if ours.qlora.report().compiled_blocks:
+        names = {id(m): n for n, m in ours.named_modules()}
+        pipeline.compile_blocks(
+            [plain.get_submodule(names[id(b)]) for b in pipeline.repeated_blocks(ours)], count
+        )
+        pipeline.no_cache_by_default(plain)
+        run(plain)
+    else:
+        run(torch.compile(plain, backend=count))
+    return len(graphs)

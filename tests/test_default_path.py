@@ -2,9 +2,9 @@
 this CPU), gradient checkpointing, batches padded per batch so their shapes change, generate() with
 a growing KV cache, and transformers.Trainer with a padding collator.
 
-Each test compiles the same small Llama, one decoder layer (the other layers are the same code, and
-a second one made Inductor's lowering 40% longer), so Inductor's FX graph cache (cold at the start
-of the session) serves graphs a previous test in this file already lowered. Only compute_dtype=float32 and
+Each test compiles the same small Llama, two decoder layers that share one compiled layer
+(compile_scope="layers"), so Inductor's FX graph cache (cold at the start of the session) serves
+graphs a previous test in this file already lowered. Only compute_dtype=float32 and
 lora_dropout=0 are changed where a test compares with eager (bf16 and dropout draws would not be
 comparable at 1e-5); r is small to keep the model small.
 """
@@ -28,7 +28,7 @@ EXACT = {"r": 8, "compute_dtype": torch.float32, "lora_dropout": 0.0}
 
 
 def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    return tiny_model("llama", seed=seed, max_position_embeddings=128, pad_token_id=0, num_hidden_layers=1)
+    return tiny_model("llama", seed=seed, max_position_embeddings=128, pad_token_id=0, num_hidden_layers=2)
 
 
 def randomize_lora_B(model, seed: int = 1) -> None:
@@ -98,7 +98,21 @@ def test_training_with_changing_shapes_matches_eager(tokenizer):
     assert report.passes["fuse_lora"] > 0 and report.passes.get("kernel:auto", 0) > 0
 
 
+def greedy_without_cache(model, ids, mask, steps: int):
+    """Greedy decoding by full forwards without a KV cache, which run the compiled layers (a
+    forward with a cache runs them uncompiled); positions from the mask, as generate() makes them."""
+    with torch.no_grad():
+        for _ in range(steps):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
+
+
 def test_generate_default_backend_equals_eager():
+    """generate() with the defaults (its cached forwards run the layers uncompiled) gives the tokens
+    of greedy decoding through the compiled layers, and of the model run eagerly."""
     torch._dynamo.reset()
     model = tiny_llama().eval()
     qlora_compile.compile(model, r=8)
@@ -109,9 +123,10 @@ def test_generate_default_backend_equals_eager():
     short, long = torch.randint(2, VOCAB, (5,), generator=g), torch.randint(2, VOCAB, (9,), generator=g)
     ids = torch.stack([torch.cat([torch.zeros(4, dtype=torch.long), short]), long])
     mask = (torch.arange(9) >= torch.tensor([[4], [0]])).long()
+    long_prompt = torch.randint(2, VOCAB, (1, 13), generator=g)
     prompts = [
         {"input_ids": ids, "attention_mask": mask},
-        {"input_ids": torch.randint(2, VOCAB, (1, 13), generator=g)},
+        {"input_ids": long_prompt, "attention_mask": torch.ones_like(long_prompt)},
     ]
     for prompt in prompts:
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -119,7 +134,9 @@ def test_generate_default_backend_equals_eager():
             eager = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert out.shape == (prompt["input_ids"].shape[0], prompt["input_ids"].shape[1] + 8)
         assert torch.equal(out, eager)
-    assert model.qlora.report().graphs >= 1
+        assert torch.equal(out, greedy_without_cache(model, prompt["input_ids"], prompt["attention_mask"], 8))
+    report = model.qlora.report()
+    assert report.compiled_blocks == 2 and report.graphs >= 1
 
 
 class LossRecordingTrainer(transformers.Trainer):
