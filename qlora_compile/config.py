@@ -66,6 +66,11 @@ class QLoRAConfig:
             compiled block cannot serve every layer there. A model without such blocks is
             compiled whole. "model": one graph of the whole forward, `generate()` included
             (compile time grows with depth).
+        fused_loss: with compile_scope="layers", a causal LM of a family in
+            `qlora_compile.loss.FUSED_LOSS_MODELS` (Llama, Mistral, Qwen2/3, Phi-3) computes its
+            training loss with the output head and the cross-entropy fused, over chunks of
+            tokens, without the full logits (`qlora_compile.loss`); such a forward returns
+            `logits=None`. Calls without labels, in eval mode or without gradients are unchanged.
     """
 
     quant_type: str = "nf4"
@@ -90,6 +95,7 @@ class QLoRAConfig:
     clip_per_parameter: bool = False
     backend: str = "inductor"
     compile_scope: str = "layers"
+    fused_loss: bool = True
 
     def __post_init__(self) -> None:
         _one_of("quant_type", self.quant_type, QUANT_TYPES)

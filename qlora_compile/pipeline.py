@@ -35,6 +35,7 @@ from .config import QLoRAConfig
 from .errors import InvalidArgumentError, InvalidConfigError
 from .format import QuantizedWeight, quantize_weight
 from .lora import LoRALayer, LoRALinear, QLoRALinear
+from .loss import fusable_head, fuse_causal_lm_loss
 from .modules import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Report:
     passes: dict[str, int] = field(default_factory=dict)
     graphs: int = 0
     compiled_blocks: int = 0  # blocks sharing one compiled function (compile_scope="layers"); 0: whole model
+    fused_loss: bool = False  # training loss through qlora_compile.loss.linear_cross_entropy
     dense_lora: list[str] = field(default_factory=list)  # linears kept dense, with LoRA (`LoRALinear`)
     modules_to_save: dict[str, int] = field(default_factory=dict)  # module -> parameters trained in full
     trainable: int = 0  # trainable parameters: LoRA and modules_to_save (counted by `model.qlora.report()`)
@@ -541,7 +543,20 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
     model.qlora = QLoRAHandle(model, config, report, saved)
     _warn_backend_bugs(model, config.backend)
     report.compiled_blocks = compile_model(model, make_backend(config, report), config.compile_scope)
+    report.fused_loss = fused_loss_applies(model, config) and fuse_causal_lm_loss(model)
     return model
+
+
+def fused_loss_applies(model: nn.Module, config: QLoRAConfig) -> bool:
+    """Does compile() fuse `model`'s head and loss (`qlora_compile.loss`)? With `fused_loss`, for a
+    model of a family it knows, when the layers are compiled and the head and loss run as they are
+    around them (compile_scope="layers")."""
+    return (
+        config.fused_loss
+        and config.compile_scope == "layers"
+        and bool(repeated_blocks(model))
+        and fusable_head(model) is not None
+    )
 
 
 def compile_model(model: nn.Module, backend, scope: str) -> int:

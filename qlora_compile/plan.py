@@ -39,9 +39,12 @@ leftovers), then its tensors are counted. The rest is a model:
   token (`num_experts_per_tok`), E the experts, I the expert width (down_proj's in_features), and
   out / in run over the layer's 4-bit expert weights (measured: `tests/tools/test_plan.py`). Without checkpointing every
   layer keeps A: L * t * A. With (non-reentrant) checkpointing each layer keeps only its input and
-  one layer is recomputed at a time: L * t * e * h + t * A. Plus the head, t * (e * h + 8 * V):
+  one layer is recomputed at a time: L * t * e * h + t * A (the first layer's input is the
+  embeddings', in their dtype, w bytes: (L - 1) * t * e * h + t * w * h). Plus the head, t * (e * h + 8 * V):
   the final norm's input, the fp32 logits and the log-softmax the loss keeps (V = vocab size,
-  causal LMs only). And the dequantize workspace: the largest 4-bit weight in the compute dtype.
+  causal LMs only); with the head and loss fused (`QLoRAConfig.fused_loss`, where it applies)
+  t * 2 * e * h instead: the final norm's input and the hidden states' gradient, computed in the
+  forward (one chunk's logits at a time are transient, not counted). And the dequantize workspace: the largest 4-bit weight in the compute dtype.
   Not counted: the CUDA context and allocator fragmentation, transient backward buffers.
 """
 
@@ -55,6 +58,7 @@ import torch
 from torch import nn
 
 from . import inspect as _inspect
+from . import pipeline
 from .checkpoint.skeleton import linear_kinds
 from .config import QLoRAConfig
 from .errors import InvalidArgumentError
@@ -197,10 +201,12 @@ def activation_bytes(
     r: int,
     lora_dropout: float,
     mask_bytes: int = 1,
+    fused_loss: bool = False,
 ) -> dict:
     """The activation model of the module docstring: {"per_layer", "moe_per_layer", "head", "with_checkpointing",
     "without_checkpointing"} in bytes, for a compiled-shaped (meta) model. `mask_bytes`: bytes per
-    dropout mask element (1: CUDA's bool mask; the CPU's dropout keeps a 4-byte float noise tensor)."""
+    dropout mask element (1: CUDA's bool mask; the CPU's dropout keeps a 4-byte float noise tensor).
+    `fused_loss`: the head and the loss are fused (`qlora_compile.loss`)."""
     e = 4
     t = batch_size * seq_len
     layers = _decoder_layers(model)
@@ -229,14 +235,22 @@ def activation_bytes(
         + routed
     )  # fmt: skip
     per_layer = t * per_token
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = embeddings.weight.element_size() if isinstance(embeddings, nn.Embedding) else e
     vocab = getattr(hf_config, "vocab_size", 0) if _is_lm(model) else 0
-    head = t * (e * h + 8 * vocab)  # final norm input; fp32 logits (the output) and log-softmax
+    if fused_loss:
+        head = t * 2 * e * h  # final norm input; the hidden states' gradient the fused loss keeps
+    else:
+        head = t * (e * h + 8 * vocab)  # final norm input; fp32 logits (the output) and log-softmax
     return {
         "per_layer": per_layer,
         "moe_per_layer": t * routed,
         "layers": n_layers,
         "head": head,
-        "with_checkpointing": n_layers * t * e * h + per_layer + head,
+        "with_checkpointing": max(n_layers - 1, 0) * t * e * h
+        + t * w * h * (n_layers > 0)
+        + per_layer
+        + head,
         "without_checkpointing": n_layers * per_layer + head,
     }
 
@@ -317,8 +331,9 @@ def plan_memory(
     lora_bytes = 4 * sum(numels)
     optim = optimizer_state_split(numels, optim_bits, paged, optim_budget)
     acts = activation_bytes(
-        model, hf_config, batch_size=batch_size, seq_len=seq_len, r=r, lora_dropout=lora_dropout
-    )
+        model, hf_config, batch_size=batch_size, seq_len=seq_len, r=r, lora_dropout=lora_dropout,
+        fused_loss=pipeline.fused_loss_applies(model, config),
+    )  # fmt: skip
     largest = max((math.prod(x.shape[-2:]) for x in rewrites if x.skipped is None), default=0)  # one expert
     workspace = largest * torch.empty((), dtype=config.compute_dtype).element_size()
     act_key = "with_checkpointing" if gradient_checkpointing else "without_checkpointing"

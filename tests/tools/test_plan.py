@@ -117,21 +117,26 @@ def _kept_bytes(model, run) -> tuple[int, object]:
 def _saved_bytes(model, ids) -> int:
     """Bytes autograd keeps for backward in an eager training forward, plus the logits it returns."""
     kept, out = _kept_bytes(model, lambda: model(ids, labels=ids, use_cache=False))
-    return kept + out.logits.numel() * out.logits.element_size()
+    return kept + (0 if out.logits is None else out.logits.numel() * out.logits.element_size())
 
 
+@pytest.mark.parametrize("fused_loss", [True, False])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_model_against_measured_saved_tensors(checkpointing):
+def test_activation_model_against_measured_saved_tensors(checkpointing, fused_loss):
     """Llama: the analytic activations are within 10% of what autograd keeps (measured with
     saved-tensor hooks). On the CPU dropout keeps a float mask, so mask_bytes=4 here. With
-    checkpointing the forward keeps the layer inputs and the head; the recomputed layer is extra."""
+    checkpointing the forward keeps the layer inputs and the head; the recomputed layer is extra.
+    With the head and loss fused the head keeps no logits."""
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
-    qconfig = QLoRAConfig(r=8, gradient_checkpointing=checkpointing, backend="eager")
+    qconfig = QLoRAConfig(r=8, gradient_checkpointing=checkpointing, backend="eager", fused_loss=fused_loss)
     with torch.device("meta"):
         meta = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     qinspect.prepare_meta(meta, qconfig)
-    acts = activation_bytes(meta, config, batch_size=2, seq_len=128, r=8, lora_dropout=0.05, mask_bytes=4)
+    assert qlora_compile.pipeline.fused_loss_applies(meta, qconfig) == fused_loss
+    acts = activation_bytes(
+        meta, config, batch_size=2, seq_len=128, r=8, lora_dropout=0.05, mask_bytes=4, fused_loss=fused_loss
+    )
     predicted = (
         acts["with_checkpointing"] - acts["per_layer"] if checkpointing else acts["without_checkpointing"]
     )
@@ -139,6 +144,7 @@ def test_activation_model_against_measured_saved_tensors(checkpointing):
     qlora_compile.compile(model, qconfig)
     model.train()
     measured = _saved_bytes(model, torch.randint(0, 512, (2, 128)))
+    assert model.qlora.report().fused_loss == fused_loss
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
 
 
