@@ -68,6 +68,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_summary(r: dict) -> str:
+    """One line: steps, speed, and the losses before and after (those that exist)."""
+    parts = [f"trained to step {r['steps']} in {r['train_seconds']:.1f} s"]
+    if r["tokens_per_s"]:
+        parts[0] += f" ({r['tokens_per_s']:.0f} tokens/s)"
+    for name, first, last in (
+        ("loss", "loss_first", "loss_last"),
+        ("eval loss", "eval_loss_before", "eval_loss_after"),
+    ):
+        if r[first] is not None and r[last] is not None:
+            parts.append(f"{name} {r[first]:.4f} -> {r[last]:.4f}")
+    return ", ".join(parts) + f"; adapter: {r['adapter']}"
+
+
 def _train(args: argparse.Namespace) -> int:
     from ..train import load_config, train
 
@@ -90,10 +104,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"stopped by {r['stopped_by_signal']} after step {r['steps']}: checkpoint saved in "
               f"{result.output_dir}; continue with --resume latest", file=sys.stderr)  # fmt: skip
     else:
-        before, after = r["eval_loss_before"], r["eval_loss_after"]
-        evals = f", eval loss {before:.4f} -> {after:.4f}" if before is not None and after is not None else ""
-        print(f"trained {r['steps']} steps in {r['train_seconds']:.1f} s ({r['tokens_per_s'] or 0:.0f} tokens/s), "
-              f"loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}{evals}; adapter: {r['adapter']}")  # fmt: skip
+        print(_train_summary(r))
     return result.exit_code
 
 

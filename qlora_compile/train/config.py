@@ -135,8 +135,12 @@ class TrainConfig:
         return out
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide what training computes (a resume must match them)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
+        """The fields that decide what training computes (a resume must match them): data paths
+        made absolute; the model not by its path but by its files (`checkpoints.model_identity`)."""
+        out = {k: v for k, v in self.to_dict().items() if k not in (*RESUMABLE_CHANGES, "model")}
+        out["data"] = [str(Path(p).resolve()) for p in self.data_files]
+        out["eval_data"] = [str(Path(p).resolve()) for p in self.eval_files]
+        return out
 
 
 def _plain(value):
@@ -166,7 +170,7 @@ def _check_types(cfg: TrainConfig) -> None:
                 continue
             kind = kind[:-1]
         if not _is_kind(value, kind):
-            want = {"paths": "a path or a list of paths"}.get(kind, f"a {kind}")
+            want = {"paths": "a path or a list of paths", _INT: "an int"}.get(kind, f"a {kind}")
             raise InvalidConfigError(f"{f.name} must be {want}, got {value!r}")
         if kind == _FLOAT:
             object.__setattr__(cfg, f.name, float(value))

@@ -77,13 +77,13 @@ def _quiet_datasets():
 
 
 def _bad_json_line(path: Path) -> str:
-    """Where a JSON or JSON-lines file stops parsing: ' line N: why', or ''."""
+    """Where a JSON or JSON-lines file stops parsing: ': line N: why', or ''."""
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             json.loads(text)
         except json.JSONDecodeError as e:
-            return f" line {e.lineno}: {e.msg}"
+            return f": line {e.lineno}: {e.msg}"
         return ""
     with path.open(encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -92,9 +92,9 @@ def _bad_json_line(path: Path) -> str:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                return f" line {number}: {e.msg}"
+                return f": line {number}: {e.msg}"
             if not isinstance(value, dict):
-                return f" line {number}: a JSON object is expected, got {type(value).__name__}"
+                return f": line {number}: a JSON object is expected, got {type(value).__name__}"
     return ""
 
 

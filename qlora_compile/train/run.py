@@ -135,6 +135,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     import transformers
 
     started = time.perf_counter()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     p = prepare(cfg, resume)
     transformers.set_seed(cfg.seed)  # before compile: LoRA's initialization draws from it
     model = load_model(cfg, p.four_bit)
