@@ -68,7 +68,9 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "make_data", "make_model", "extra", "message"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("name", "make_data", "make_model", "extra", "message"), CASES, ids=[c[0] for c in CASES]
+)
 def test_bad_input(name, make_data, make_model, extra, message, tmp_path, tiny_lm, chat_jsonl, capsys):
     data = make_data(tmp_path) if make_data else chat_jsonl
     model = make_model(tmp_path, tiny_lm) if make_model else tiny_lm

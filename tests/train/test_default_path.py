@@ -34,7 +34,9 @@ def test_readme_command_with_defaults(tiny_lm, chat_jsonl, tmp_path):
     cfg = load_config(None, args)
     assert cfg.qlora.backend == "inductor" and cfg.qlora.gradient_checkpointing and cfg.dtype == "bfloat16"
     p = run.prepare(cfg)
-    order = data.micro_batches(data.epoch_order(p.train.lengths, cfg.batch_size, cfg.seed, 0, True), cfg.batch_size)
+    order = data.micro_batches(
+        data.epoch_order(p.train.lengths, cfg.batch_size, cfg.seed, 0, True), cfg.batch_size
+    )
     first, second = (data.collate(p.train.dataset[ids], p.pad_id) for ids in order[:2])
     assert first["input_ids"].shape[1] != second["input_ids"].shape[1]  # varying lengths
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.bfloat16)
