@@ -88,8 +88,8 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_matches(checkpoint: Path, config_identity: dict, model: dict) -> None:
-    """Raise InvalidConfigError unless `checkpoint` was made by the same model and config."""
+def check_matches(checkpoint: Path, config_identity: dict, model: dict, dataset_size: int) -> None:
+    """Raise InvalidConfigError unless `checkpoint` was made by the same model, config and data size."""
     run = json.loads((checkpoint / RUN).read_text())
     if run["model"] != model:
         raise InvalidConfigError(
@@ -100,6 +100,11 @@ def check_matches(checkpoint: Path, config_identity: dict, model: dict) -> None:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise InvalidConfigError(
             f"cannot resume from {checkpoint}: made with another config: {'; '.join(diff[:3])}{more}"
+        )
+    saved_size = json.loads((checkpoint / STATE).read_text())["dataset_size"]
+    if saved_size != dataset_size:
+        raise InvalidConfigError(
+            f"cannot resume from {checkpoint}: it trained on {saved_size} examples, the data now gives {dataset_size}"
         )
 
 

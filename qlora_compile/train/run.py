@@ -93,7 +93,7 @@ def prepare(cfg: TrainConfig, resume: str | None = None) -> Prepared:
     found = None
     if resume:
         found = checkpoints.find(cfg.output_dir, resume)
-        checkpoints.check_matches(found, run_identity["config"], run_identity["model"])
+        checkpoints.check_matches(found, run_identity["config"], run_identity["model"], len(train))
     elif checkpoints.list_checkpoints(cfg.output_dir):
         raise InvalidArgumentError(
             f"output_dir {cfg.output_dir} holds checkpoints of an earlier run: pass --resume latest to "
@@ -146,10 +146,6 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     rng = None
     if p.checkpoint is not None:
         state = checkpoints.load(p.checkpoint, model, scheduler)
-        if state.dataset_size != len(p.train):
-            raise InvalidArgumentError(
-                f"cannot resume from {p.checkpoint}: it trained on {state.dataset_size} examples, the data now has {len(p.train)}"
-            )
         rng = checkpoints.load_rng(p.checkpoint)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ def computed(out) -> list[tuple]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_lm, chat_jsonl):
     out = tmp_path_factory.mktemp("run") / "out"
-    assert cli.main(argv(tiny_lm, chat_jsonl, out)) == 0
+    assert cli.main(argv(tiny_lm, chat_jsonl, out, "--export", "merged")) == 0
     return out
 
 
@@ -70,6 +70,10 @@ def test_outputs(uninterrupted):
     assert not list(out.glob("*.partial"))
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --export merged: the final adapter merged onto the dequantized 4-bit weights, a plain HF folder
+    assert report["exports"] == {"merged": str(out / "merged")}
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
 def test_schedule_matches_transformers(uninterrupted):
@@ -168,6 +172,14 @@ def test_resume_mismatch_is_one_line(uninterrupted, tiny_lm, chat_jsonl, tmp_pat
     err = capsys.readouterr().err.splitlines()
     assert err == [f"qlora-compile train: cannot resume from {out / 'checkpoint-6'}: it was trained from another "
                    "model (config.json or weights differ)"]  # fmt: skip
+    state = out / "checkpoint-6" / "trainer_state.json"
+    state.write_text(
+        json.dumps({**json.loads(state.read_text()), "dataset_size": 5})
+    )  # as if the file had changed
+    assert cli.main(argv(tiny_lm, chat_jsonl, out, "--resume", "latest")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"qlora-compile train: cannot resume from {out / 'checkpoint-6'}: it trained on 5 examples, "
+                   "the data now gives 19"]  # fmt: skip
     assert cli.main(argv(tiny_lm, chat_jsonl, out)) == 2  # checkpoints there and no --resume
     assert "pass --resume latest" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
