@@ -45,7 +45,7 @@ class TrainState:
     tokens: int = 0  # input tokens trained on so far
     eval_before: float | None = None
     first_loss: float | None = None
-    extra: dict = field(default_factory=dict)
+    pending: list[float] = field(default_factory=list)  # losses of steps not logged yet (log_every > 1)
 
 
 # ---- identity ----------------------------------------------------------------------------------

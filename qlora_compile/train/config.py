@@ -46,6 +46,8 @@ class TrainConfig:
         batch_size: examples per micro-batch (padded to the batch's longest).
         grad_accum: micro-batches per optimizer step; the loss is averaged over their tokens.
         group_by_length: batch examples of similar length (shuffled mega-batches, sorted inside).
+        packing: concatenate examples into rows of up to max_length tokens, attention kept inside
+            each example (see `pack.py` for which models).
         schedule: learning-rate schedule after warmup: "constant" (QLoRA's), "linear" or "cosine".
         warmup_steps: linear warmup steps; 0: `warmup_ratio` of the total steps.
         warmup_ratio: warmup as a fraction of the total steps (rounded up).
@@ -75,6 +77,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     group_by_length: bool = True
+    packing: bool = False
     schedule: str = "constant"
     warmup_steps: int = 0
     warmup_ratio: float = 0.03

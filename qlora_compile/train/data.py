@@ -41,6 +41,7 @@ class Counts:
     dropped_no_labels: int = 0  # nothing left to learn after truncation (a prompt longer than max_length)
     kept: int = 0
     tokens: int = 0  # tokens of the kept examples
+    packed_rows: int | None = None  # with packing: the rows the kept examples went into
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Split:
 
 
 @contextlib.contextmanager
-def _quiet_datasets():
+def quiet_datasets():
     """No progress bars or error logs from `datasets`: we report counts, and a bad file as one line."""
     import datasets
 
@@ -136,7 +137,7 @@ def load_rows(paths: list[str]):
     import datasets
 
     parts, sources = [], []
-    with _quiet_datasets():
+    with quiet_datasets():
         for name in paths:
             path = Path(name)
             if not path.exists():
@@ -216,7 +217,7 @@ def tokenize(rows, sources, tokenizer, fmt: str, *, max_length: int, overflow: s
 
     key = json.dumps([rows._fingerprint, fmt, max_length, overflow, train_on_inputs, system_prompt,
                       _tokenizer_id(tokenizer), ENCODING_VERSION])  # fmt: skip
-    with _quiet_datasets():
+    with quiet_datasets():
         encoded = rows.map(
             encode,
             with_indices=True,
@@ -258,7 +259,7 @@ def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     n_eval = max(1, round(len(split) * fraction))
     if n_eval >= len(split):
         raise InvalidArgumentError(f"eval_split={fraction} leaves no training example of {len(split)}")
-    with _quiet_datasets():
+    with quiet_datasets():
         parts = split.dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     return Split(parts["train"], split.counts), Split(parts["test"], Counts(kept=n_eval))
 
@@ -284,8 +285,13 @@ def micro_batches(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(rows: dict, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch (`Dataset[indices]`: lists per column) to its longest example."""
+def collate(rows: dict, pad_id: int) -> dict:
+    """Right-pad a batch (`Dataset[indices]`: lists per column) to its longest example.
+
+    Packed rows (with `position_ids`) get no attention_mask, so that transformers masks attention
+    by where the positions restart (`pack.py`); their padding continues as one more segment of its
+    own (positions 0, 1, ...), attended by nothing real, with IGNORE labels.
+    """
     ids, labels = rows["input_ids"], rows["labels"]
     n, length = len(ids), max(len(x) for x in ids)
     batch = {
@@ -297,6 +303,14 @@ def collate(rows: dict, pad_id: int) -> dict[str, torch.Tensor]:
         batch["input_ids"][i, : len(x)] = torch.tensor(x)
         batch["labels"][i, : len(y)] = torch.tensor(y)
         batch["attention_mask"][i, : len(x)] = 1
+    if "position_ids" in rows:
+        del batch["attention_mask"]
+        positions = torch.arange(length).repeat(n, 1)  # the padding's own segment after each row
+        for i, pos in enumerate(rows["position_ids"]):
+            positions[i, : len(pos)] = torch.tensor(pos)
+            positions[i, len(pos) :] -= len(pos)
+        batch["position_ids"] = positions
+        batch["use_cache"] = False  # transformers looks for packed rows only when there is no KV cache
     return batch
 
 

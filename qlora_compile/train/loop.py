@@ -55,9 +55,9 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def train_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, float]:
-    """Forward and backward every micro-batch, then `model.qlora.step()`; returns the step's loss,
-    its input tokens and the gradient norm.
+def train_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """Forward and backward every micro-batch, then `model.qlora.step()`; returns the step's loss
+    and the gradient norm.
 
     The loss is the mean over the step's label tokens, all micro-batches together: each forward
     gets their total as `num_items_in_batch` (as transformers' Trainer passes it), so its loss is
@@ -71,8 +71,7 @@ def train_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, in
         loss.backward()
         total += loss.detach().float()
     norm = model.qlora.step()
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return float(total), tokens, norm
+    return float(total), norm
 
 
 def evaluate(model, batches: Iterable[dict[str, torch.Tensor]]) -> float:

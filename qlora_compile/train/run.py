@@ -21,6 +21,7 @@ from ..errors import InvalidArgumentError, InvalidFolderError, MissingFileError,
 from . import checkpoints, data, loop
 from .checkpoints import TrainState
 from .config import TrainConfig
+from .pack import pack
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -89,6 +90,8 @@ def prepare(cfg: TrainConfig, resume: str | None = None) -> Prepared:
         evals, _ = data.prepare(cfg.eval_files, tokenizer, cfg, fmt)
     elif cfg.eval_split:
         train, evals = data.hold_out(train, cfg.eval_split, cfg.seed)
+    if cfg.packing:
+        train = pack(train, cfg.max_length, cfg.seed)
     run_identity = {"config": cfg.identity(), "model": checkpoints.model_identity(cfg.model)}
     found = None
     if resume:
@@ -197,7 +200,6 @@ def _loop(
                dynamic_ncols=True, disable=not progress)  # fmt: skip
     lengths = p.train.lengths
     order = None
-    pending: list[float] = []
     seconds = 0.0
     while state.step < plan.total_steps and stop.signum is None:
         if state.batch >= plan.micro_per_epoch:
@@ -208,10 +210,12 @@ def _loop(
                 cfg.batch_size,
             )
         chunk = order[state.batch : state.batch + cfg.grad_accum]
-        batches = [data.collate(p.train.dataset[ids], p.pad_id) for ids in chunk]
+        rows = [p.train.dataset[ids] for ids in chunk]
+        batches = [data.collate(r, p.pad_id) for r in rows]
+        tokens = sum(sum(r["length"]) for r in rows)
         lr = scheduler.get_last_lr()[0]
         t0 = time.perf_counter()
-        loss, tokens, norm = loop.train_step(model, batches)
+        loss, norm = loop.train_step(model, batches)
         scheduler.step()
         dt = time.perf_counter() - t0
         seconds += dt
@@ -219,13 +223,14 @@ def _loop(
         state.batch += len(chunk)
         state.tokens += tokens
         state.first_loss = loss if state.first_loss is None else state.first_loss
-        pending.append(loss)
+        state.pending.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
         if state.step % cfg.log_every == 0 or state.step == plan.total_steps:
-            metrics.write({"step": state.step, "epoch": state.epoch, "loss": sum(pending) / len(pending),
+            mean = sum(state.pending) / len(state.pending)
+            metrics.write({"step": state.step, "epoch": state.epoch, "loss": mean,
                            "lr": lr, "grad_norm": norm, "tokens": state.tokens, "tokens_per_s": tokens / dt})  # fmt: skip
-            pending = []
+            state.pending = []
         if p.eval is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
             _evaluate(model, p, metrics, state.step)
         if cfg.save_every and state.step % cfg.save_every == 0:

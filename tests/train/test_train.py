@@ -54,7 +54,7 @@ def test_outputs(uninterrupted):
     assert report["steps"] == STEPS and report["format"] == "chat" and report["resumed_from"] is None
     assert report["train_examples"] + report["eval_examples"] == 24 and report["eval_examples"] == 5
     assert report["data"] == {"examples": 24, "truncated": 0, "dropped_too_long": 0, "dropped_no_labels": 0,
-                              "kept": 24, "tokens": report["data"]["tokens"]}  # fmt: skip
+                              "kept": 24, "tokens": report["data"]["tokens"], "packed_rows": None}  # fmt: skip
     assert report["tokens"] > 0 and report["tokens_per_s"] > 0 and report["peak_rss_bytes"] > 2**20
     steps = [r for r in rows(out) if "loss" in r]
     evals = [r for r in rows(out) if "eval_loss" in r]
@@ -105,7 +105,7 @@ def test_losses_match_a_plain_loop(uninterrupted, tiny_lm, chat_jsonl, tmp_path)
     for step in range(3):
         batches = [data.collate(p.train.dataset[ids], p.pad_id) for ids in order[2 * step : 2 * step + 2]]
         n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        total = 0.0
+        total, mean_of_means = 0.0, 0.0
         for group in model.qlora.optimizer.param_groups:
             group["lr"] = lrs[step]
         for b in batches:
@@ -115,8 +115,10 @@ def test_losses_match_a_plain_loop(uninterrupted, tiny_lm, chat_jsonl, tmp_path)
             )
             (token_losses / n).backward()
             total += token_losses.item() / n
+            mean_of_means += token_losses.item() / int((b["labels"][:, 1:] != -100).sum()) / len(batches)
         model.qlora.step()
         losses.append(total)
+        assert mean_of_means != pytest.approx(total, rel=1e-5)  # the test tells token-weighting apart
     logged = [r["loss"] for r in rows(uninterrupted) if "loss" in r][:3]
     assert logged == pytest.approx(losses, rel=1e-5, abs=0)
 
