@@ -1,6 +1,7 @@
 """Bad input through the command line: one line on stderr, exit 2, before any training, and no
 output folder left behind."""
 
+import importlib.util
 import json
 import shutil
 
@@ -63,6 +64,8 @@ CASES = [
      "completion or text, or a tokenizer with a chat_template)"),
     ("unknown override", None, None, ["--qlora.lora_rank", "8"],
      "unknown config key 'qlora.lora_rank' (did you mean 'qlora.lora_alpha'?)"),
+    ("tensorboard not installed", None, None, ["--tensorboard", "true"],
+     "tensorboard: true needs the tensorboard package: pip install tensorboard"),
     ("resume without checkpoints", None, None, ["--resume", "latest"],
      "--resume latest: no checkpoint-<step> folder in {out}"),
 ]  # fmt: skip
@@ -72,6 +75,8 @@ CASES = [
     ("name", "make_data", "make_model", "extra", "message"), CASES, ids=[c[0] for c in CASES]
 )
 def test_bad_input(name, make_data, make_model, extra, message, tmp_path, tiny_lm, chat_jsonl, capsys):
+    if name == "tensorboard not installed" and importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
     data = make_data(tmp_path) if make_data else chat_jsonl
     model = make_model(tmp_path, tiny_lm) if make_model else tiny_lm
     out = tmp_path / "out"

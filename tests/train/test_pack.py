@@ -86,14 +86,18 @@ def test_packed_run(tiny_lm, chat_jsonl, tmp_path):
     args = ["--model", str(tiny_lm), "--data", str(chat_jsonl), "--output_dir", str(out),
             "--qlora.backend", "aot_eager", "--dtype", "float32", "--packing", "true", "--max_length", "128",
             "--batch_size", "2", "--max_steps", "2", "--no-progress"]  # fmt: skip
-    assert cli.main(["train", *args]) == 0
+    assert cli.main(["train", *args, "--export", "nf4"]) == 0
     report = json.loads((out / "report.json").read_text())
+    # --export nf4: the adapter merged and re-quantized, a bitsandbytes 4-bit folder
+    assert report["exports"] == {"nf4": str(out / "nf4")}
+    quant = json.loads((out / "nf4" / "config.json").read_text())["quantization_config"]
+    assert quant["load_in_4bit"] and quant["bnb_4bit_quant_type"] == "nf4"
     n_rows = report["data"]["packed_rows"]
     assert report["train_examples"] == n_rows and 24 * 30 // 128 <= n_rows < 24
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2
 
-    cfg = load_config(None, args[:-1])
+    cfg = load_config(None, args[:-1])  # without --no-progress, a command-line flag
     p = run.prepare(cfg)
     first = data.micro_batches(data.epoch_order(p.train.lengths, 2, cfg.seed, 0, True), 2)[0]
     rows = p.train.dataset[first]

@@ -185,3 +185,18 @@ def test_resume_mismatch_is_one_line(uninterrupted, tiny_lm, chat_jsonl, tmp_pat
     assert cli.main(argv(tiny_lm, chat_jsonl, out)) == 2  # checkpoints there and no --resume
     assert "pass --resume latest" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_four_bit_folder_trains_as_stored(uninterrupted, tiny_lm, chat_jsonl, tmp_path):
+    """A bitsandbytes 4-bit folder (`convert_checkpoint` of the same model) is loaded as stored, not
+    re-quantized: its first loss equals the 16-bit folder's, which compile quantized to the same bytes."""
+    nf4 = tmp_path / "nf4"
+    qlora_compile.convert_checkpoint(tiny_lm, nf4, progress=False)
+    copy_tokenizer(tiny_lm, nf4)
+    out = tmp_path / "out"
+    args = argv(nf4, chat_jsonl, out)
+    args[args.index("--max_steps") + 1] = "1"
+    assert cli.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["four_bit_folder"] is True
+    assert report["loss_first"] == pytest.approx(rows(uninterrupted)[1]["loss"], rel=1e-6)
