@@ -92,6 +92,9 @@ def prepare(cfg: TrainConfig, resume: str | None = None) -> Prepared:
         train, evals = data.hold_out(train, cfg.eval_split, cfg.seed)
     if cfg.packing:
         train = pack(train, cfg.max_length, cfg.seed)
+    _log_counts("train", train.counts, cfg)
+    if cfg.eval_files:
+        _log_counts("eval", evals.counts, cfg)
     run_identity = {"config": cfg.identity(), "model": checkpoints.model_identity(cfg.model)}
     found = None
     if resume:
@@ -103,6 +106,17 @@ def prepare(cfg: TrainConfig, resume: str | None = None) -> Prepared:
             "continue it, or choose another output_dir"
         )
     return Prepared(cfg, tokenizer, fmt, train, evals, four_bit, found, run_identity)
+
+
+def _log_counts(what: str, c: data.Counts, cfg: TrainConfig) -> None:
+    """What max_length did: a warning when it cut or left out examples, else an info line."""
+    changed = c.truncated + c.dropped_too_long + c.dropped_no_labels
+    packed = f", packed into {c.packed_rows} rows" if c.packed_rows is not None else ""
+    (logger.warning if changed else logger.info)(
+        "%s data: %d examples, %d kept (%d tokens%s); max_length %d: %d truncated, %d dropped as too long, "
+        "%d dropped with no answer token left", what, c.examples, c.kept, c.tokens, packed, cfg.max_length,
+        c.truncated, c.dropped_too_long, c.dropped_no_labels,
+    )  # fmt: skip
 
 
 def load_model(cfg: TrainConfig, four_bit: bool):
@@ -152,7 +166,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         rng = checkpoints.load_rng(p.checkpoint)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     metrics = loop.Metrics(out / "metrics.jsonl", state.step if p.checkpoint else None, cfg.tensorboard)
     if p.eval is not None and state.step == 0:
         state.eval_before = _evaluate(model, p, metrics, 0)
