@@ -43,6 +43,9 @@ CASES = [
      "data file {data} cannot be read: line 2: a JSON object is expected, got list"),
     ("malformed csv", lambda d: lines(d / "bad.csv", "prompt,completion\na,b\nc,d,e\n"), None, [],
      "data file {data} cannot be read: Error tokenizing data. C error: Expected 2 fields in line 3, saw 3"),
+    ("malformed parquet", lambda d: lines(d / "bad.parquet", "not parquet at all\n"), None, [],
+     "data file {data} cannot be read: Parquet magic bytes not found in footer. Either the file is corrupted "
+     "or this is not a parquet file."),
     ("unknown file type", lambda d: lines(d / "data.txt", "hello\n"), None, [],
      "data file {data}: unknown type '.txt'; use .jsonl, .json, .csv, .parquet or a save_to_disk folder"),
     ("unknown format", None, None, ["--format", "sharegpt"],
