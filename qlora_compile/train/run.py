@@ -155,15 +155,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     p = prepare(cfg, resume)
-    transformers.set_seed(cfg.seed)  # before compile: LoRA's initialization draws from it
-    model = load_model(cfg, p.four_bit)
-    plan = loop.plan_steps(len(p.train), cfg)
-    scheduler = loop.make_scheduler(model.qlora.optimizer, cfg.schedule, plan)
-    state = TrainState(data_seed=cfg.seed, dataset_size=len(p.train))
-    rng = None
-    if p.checkpoint is not None:
-        state = checkpoints.load(p.checkpoint, model, scheduler)
-        rng = checkpoints.load_rng(p.checkpoint)
+    model, plan, scheduler, state, rng = _setup(p)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -175,10 +167,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     model.train()
     with loop.StopOnSignal() as stop:
         run_seconds = _loop(model, p, plan, scheduler, state, metrics, stop, progress)
-    eval_after = None
-    if p.eval is not None and stop.signum is None:
-        eval_after = _evaluate(model, p, metrics, state.step) if not _evaluated_at(metrics, state.step) else (
-            metrics.series("eval_loss")[-1][1])  # fmt: skip
+    eval_after = (
+        _eval_after(model, p, metrics, state.step) if p.eval is not None and not stop.signum else None
+    )
     if stop.signum is not None or (cfg.save_every and state.step % cfg.save_every):
         checkpoints.save(out, model, scheduler, state, p.run_identity, cfg.save_total_limit)
     adapter = model.qlora.save_adapter(out / "adapter")
@@ -193,8 +184,25 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     return Result(report, out, stop.signum)
 
 
-def _evaluated_at(metrics: loop.Metrics, step: int) -> bool:
-    return any(s == step for s, _ in metrics.series("eval_loss"))
+def _setup(p: Prepared):
+    """The compiled model, step plan, scheduler and state: fresh, or as the checkpoint left them
+    (with its random states, which the caller sets last)."""
+    import transformers
+
+    transformers.set_seed(p.cfg.seed)  # before compile: LoRA's initialization draws from it
+    model = load_model(p.cfg, p.four_bit)
+    plan = loop.plan_steps(len(p.train), p.cfg)
+    scheduler = loop.make_scheduler(model.qlora.optimizer, p.cfg.schedule, plan)
+    if p.checkpoint is None:
+        return model, plan, scheduler, TrainState(data_seed=p.cfg.seed, dataset_size=len(p.train)), None
+    state = checkpoints.load(p.checkpoint, model, scheduler)
+    return model, plan, scheduler, state, checkpoints.load_rng(p.checkpoint)
+
+
+def _eval_after(model, p: Prepared, metrics: loop.Metrics, step: int) -> float:
+    """The eval loss at the last step: logged already when eval_every divides it, else computed."""
+    done = [loss for s, loss in metrics.series("eval_loss") if s == step]
+    return done[-1] if done else _evaluate(model, p, metrics, step)
 
 
 def _evaluate(model, p: Prepared, metrics: loop.Metrics, step: int) -> float:
