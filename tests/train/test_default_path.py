@@ -17,8 +17,8 @@ from tests.killed_run import ROOT
 
 @pytest.mark.slow
 def test_readme_command_with_defaults(tiny_lm, chat_jsonl, tmp_path):
-    """Two steps whose batches have different lengths (so Inductor compiles a static graph, then a
-    dynamic one). The first step's loss is taken before any update, with lora_B still zero: it must
+    """Two steps whose batches have different lengths (one graph, dynamic from the first step, serves
+    both). The first step's loss is taken before any update, with lora_B still zero: it must
     equal the loss of the same 4-bit model compiled with the eager backend on the same batch."""
     out = tmp_path / "out"
     args = ["--model", str(tiny_lm), "--data", str(chat_jsonl), "--output_dir", str(out), "--max_steps", "2"]

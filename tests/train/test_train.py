@@ -44,7 +44,11 @@ def computed(out) -> list[tuple]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_lm, chat_jsonl):
     out = tmp_path_factory.mktemp("run") / "out"
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert cli.main(argv(tiny_lm, chat_jsonl, out, "--export", "merged")) == 0
+    # batch and sequence sizes dynamic from step 1: one graph for all batches of 3 examples, whatever
+    # their lengths, and one for the epoch's last batch, of 1 example (PyTorch specializes size 1)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
     return out
 
 
