@@ -9,7 +9,6 @@ field is refused with the closest field named.
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -292,14 +291,3 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] =
     values = read_yaml(path) if path is not None else {}
     extra = parse_overrides(list(overrides)) if isinstance(overrides, list | tuple) else dict(overrides)
     return build_config({**values, **extra})
-
-
-def config_from_dict(saved: dict[str, Any]) -> TrainConfig:
-    """Rebuild a TrainConfig from `to_dict()`'s output (a checkpoint's config.json)."""
-    flat = {k: v for k, v in saved.items() if k != "qlora"}
-    flat.update({f"qlora.{k}": v for k, v in saved.get("qlora", {}).items()})
-    return build_config(flat)
-
-
-def dump(cfg: TrainConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=1, sort_keys=True)
