@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qlora_compile.errors import InvalidArgumentError
+from qlora_compile.errors import InvalidArgumentError, InvalidFolderError
 from qlora_compile.train import data, encode
 from tests.train.conftest import chat_records, write_jsonl
 
@@ -179,3 +179,34 @@ def test_collate_pads_per_batch():
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_eval_file_and_split(tmp_path, tiny_lm, chat_jsonl):
+    """eval_data: its own file, encoded in the training data's format; eval_split: held out of the
+    training data, the same examples for the same seed."""
+    from qlora_compile.train import run
+    from qlora_compile.train.config import load_config
+
+    dev = write_jsonl(tmp_path / "dev.jsonl", chat_records(5, seed=9))
+    base = ["--model", str(tiny_lm), "--data", str(chat_jsonl), "--output_dir", str(tmp_path / "o")]
+    p = run.prepare(load_config(None, [*base, "--eval_data", str(dev)]))
+    assert (len(p.train), len(p.eval), p.fmt) == (24, 5, "chat")
+    a = run.prepare(load_config(None, [*base, "--eval_split", "0.25"]))
+    b = run.prepare(load_config(None, [*base, "--eval_split", "0.25"]))
+    assert (len(a.train), len(a.eval)) == (18, 6)
+    assert a.eval.dataset["input_ids"][:] == b.eval.dataset["input_ids"][:]
+    held = {tuple(x) for x in a.eval.dataset["input_ids"][:]}
+    assert not held & {tuple(x) for x in a.train.dataset["input_ids"][:]}
+    assert not (tmp_path / "o").exists()  # prepare writes nothing
+
+
+def test_dataset_dict_folder(tmp_path, tokenizer):
+    import datasets
+
+    records = [{"text": f"example {i}"} for i in range(4)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records)}).save_to_disk(tmp_path / "dd")
+    split, fmt = data.prepare([str(tmp_path / "dd")], tokenizer, settings())
+    assert (len(split), fmt) == (4, "text")
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(records)}).save_to_disk(tmp_path / "val")
+    with pytest.raises(InvalidFolderError, match=r"has splits \['validation'\] and no 'train'"):
+        data.prepare([str(tmp_path / "val")], tokenizer, settings())
