@@ -391,7 +391,9 @@ def _split_train(argv: list[str]) -> tuple[list[str], list[str] | None]:
     while i < len(argv) and argv[i] in ("-v", "--verbose"):
         i += 1
     if i < len(argv) and argv[i] == "train" and not {"-h", "--help"} & set(argv[i + 1 :]):
-        return argv[: i + 1], argv[i + 1 :]
+        rest = argv[i + 1 :]
+        verbose = [a for a in rest if a in ("-v", "--verbose")]  # -v after `train` too
+        return verbose + argv[: i + 1], [a for a in rest if a not in verbose]
     return argv, None
 
 

@@ -99,3 +99,13 @@ def test_required_fields():
         TrainConfig(data="d.jsonl")
     with pytest.raises(InvalidConfigError, match="data is required"):
         TrainConfig(model="m")
+
+
+def test_verbose_after_train_gives_the_traceback(capsys):
+    assert cli.main(["train", "--model", "m", "--data", "d.jsonl", "--qlora.rr", "1", "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "InvalidConfigError" in err
+    assert (
+        err.rstrip().splitlines()[-1]
+        == "qlora-compile train: unknown config key 'qlora.rr' (did you mean 'qlora.r'?)"
+    )
