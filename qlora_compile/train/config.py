@@ -9,6 +9,7 @@ field is refused with the closest field named.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 OVERFLOW = ("truncate", "drop")
 EXPORTS = ("none", "merged", "nf4")
 # Fields a resumed run may change: they decide what is written and how often, not what is computed.
-RESUMABLE_CHANGES = ("output_dir", "save_every", "save_total_limit", "log_every", "export", "tensorboard")
+RESUMABLE_CHANGES = ("output_dir", "save_every", "save_total_limit", "log_every", "export", "tensorboard",
+                     "device")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class TrainConfig:
         save_total_limit: checkpoints kept (the oldest are removed); 0: all.
         log_every: one metrics line every N steps (the mean loss over them).
         dtype: dtype of the dense weights when loading a 16-bit model folder.
+        device: where to train: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N".
         export: after training, "merged" (16-bit folder) or "nf4" (4-bit folder) with the adapter merged.
         tensorboard: also log to TensorBoard (needs the `tensorboard` package).
         qlora: every `QLoRAConfig` field (rank, dropout, lr, optimizer, backend...).
@@ -89,6 +92,7 @@ class TrainConfig:
     save_total_limit: int = 0
     log_every: int = 1
     dtype: str = "bfloat16"
+    device: str = "auto"
     export: str = "none"
     tensorboard: bool = False
     qlora: QLoRAConfig = field(default_factory=QLoRAConfig)
@@ -113,6 +117,8 @@ class TrainConfig:
                 raise InvalidConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.eval_split < 1.0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise InvalidConfigError("eval_split and warmup_ratio must be fractions in [0, 1)")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise InvalidConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.eval_data and self.eval_split:
             raise InvalidConfigError("give eval_data or eval_split, not both")
         if self.grad_accum > 1 and self.qlora.step_in_backward:

@@ -73,13 +73,14 @@ def train_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, fl
     its sum over that total and the gradients add up to those of one big batch. A 0-dim tensor,
     not an int: Dynamo would specialize the graph on every new int.
     """
-    n = torch.tensor(sum(label_tokens(b) for b in batches))
-    total = torch.zeros(())
+    device = batches[0]["input_ids"].device
+    n = torch.tensor(sum(label_tokens(b) for b in batches), device=device)
+    total = torch.zeros((), device=device)
     for batch in batches:
         mark_dynamic(batch)
         loss = model(**batch, num_items_in_batch=n).loss
         loss.backward()
-        total += loss.detach().float()
+        total = total + loss.detach().float()
     norm = model.qlora.step()
     return float(total), norm
 

@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..dtypes import parse_dtype
 from ..errors import InvalidArgumentError, InvalidFolderError, MissingFileError, UnsupportedError
 from . import checkpoints, data, loop
@@ -82,6 +84,7 @@ def prepare(cfg: TrainConfig, resume: str | None = None) -> Prepared:
     """Every check and the tokenized data, before anything is written."""
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UnsupportedError("tensorboard: true needs the tensorboard package: pip install tensorboard")
+    train_device(cfg)  # a CUDA device asked for where there is none: refused before anything loads
     four_bit = check_model_folder(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     train, fmt = data.prepare(cfg.data_files, tokenizer, cfg)
@@ -119,19 +122,35 @@ def _log_counts(what: str, c: data.Counts, cfg: TrainConfig) -> None:
     )  # fmt: skip
 
 
+def train_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnsupportedError(f"device {cfg.device!r}: this torch sees no CUDA device")
+    return torch.device(cfg.device)
+
+
 def load_model(cfg: TrainConfig, four_bit: bool):
-    """The model as stored (a 4-bit folder is not re-quantized), compiled with `cfg.qlora`."""
+    """The model as stored (a 4-bit folder is not re-quantized), compiled with `cfg.qlora`, on the
+    training device. A 16-bit folder is loaded and quantized on the CPU, so the device never holds
+    its 16-bit weights, then moved; a 4-bit folder is loaded onto the device directly."""
     import qlora_compile
 
-    dtype = parse_dtype(cfg.dtype, "dtype")
+    dtype, device = parse_dtype(cfg.dtype, "dtype"), train_device(cfg)
     if four_bit:
-        model = qlora_compile.load_quantized(cfg.model, dtype=dtype)
+        model = qlora_compile.load_quantized(cfg.model, dtype=dtype, device=device)
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
     qlora_compile.compile(model, cfg.qlora)
-    return model
+    return model.to(device)  # before model.qlora.optimizer exists: its states go where the parameters are
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 @dataclass
@@ -206,7 +225,9 @@ def _eval_after(model, p: Prepared, metrics: loop.Metrics, step: int) -> float:
 
 
 def _evaluate(model, p: Prepared, metrics: loop.Metrics, step: int) -> float:
-    loss = loop.evaluate(model, data.eval_batches(p.eval, p.cfg.batch_size, p.pad_id))
+    device = next(model.parameters()).device
+    batches = (to_device(b, device) for b in data.eval_batches(p.eval, p.cfg.batch_size, p.pad_id))
+    loss = loop.evaluate(model, batches)
     metrics.write({"step": step, "eval_loss": loss, "eval_ppl": loop.perplexity(loss)})
     return loss
 
@@ -220,7 +241,7 @@ def _loop(
     cfg = p.cfg
     bar = tqdm(total=plan.total_steps, initial=state.step, desc="train", file=sys.stderr,
                dynamic_ncols=True, disable=not progress)  # fmt: skip
-    lengths = p.train.lengths
+    lengths, device = p.train.lengths, next(model.parameters()).device
     order = None
     seconds = 0.0
     while state.step < plan.total_steps and stop.signum is None:
@@ -233,7 +254,7 @@ def _loop(
             )
         chunk = order[state.batch : state.batch + cfg.grad_accum]
         rows = [p.train.dataset[ids] for ids in chunk]
-        batches = [data.collate(r, p.pad_id) for r in rows]
+        batches = [to_device(data.collate(r, p.pad_id), device) for r in rows]
         tokens = sum(sum(r["length"]) for r in rows)
         lr = scheduler.get_last_lr()[0]
         t0 = time.perf_counter()

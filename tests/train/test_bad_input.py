@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from qlora_compile.tools import cli
 from tests.train.conftest import chat_records, write_jsonl
@@ -69,6 +70,7 @@ CASES = [
      "unknown config key 'qlora.lora_rank' (did you mean 'qlora.lora_alpha'?)"),
     ("tensorboard not installed", None, None, ["--tensorboard", "true"],
      "tensorboard: true needs the tensorboard package: pip install tensorboard"),
+    ("cuda without a GPU", None, None, ["--device", "cuda"], "device 'cuda': this torch sees no CUDA device"),
     ("resume without checkpoints", None, None, ["--resume", "latest"],
      "--resume latest: no checkpoint-<step> folder in {out}"),
 ]  # fmt: skip
@@ -80,6 +82,8 @@ CASES = [
 def test_bad_input(name, make_data, make_model, extra, message, tmp_path, tiny_lm, chat_jsonl, capsys):
     if name == "tensorboard not installed" and importlib.util.find_spec("tensorboard") is not None:
         pytest.skip("tensorboard is installed here")
+    if name == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     data = make_data(tmp_path) if make_data else chat_jsonl
     model = make_model(tmp_path, tiny_lm) if make_model else tiny_lm
     out = tmp_path / "out"

@@ -86,6 +86,7 @@ def test_unknown_yaml_key(tmp_path, capsys):
         (["--grad_accum", "2", "--qlora.step_in_backward", "true", "--qlora.max_grad_norm", "null"],
          "qlora.step_in_backward steps inside every backward"),
         (["--eval_data", "e.jsonl", "--eval_split", "0.1"], "give eval_data or eval_split, not both"),
+        (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
     ],
 )  # fmt: skip
 def test_bad_values(overrides, message):
