@@ -1,5 +1,7 @@
 """`qlora-compile`: the command line.
 
+    qlora-compile train [CONFIG.yaml] [--key value ...] [--resume latest|PATH]
+                                                   QLoRA fine-tuning on your model folder and data files
     qlora-compile demo [--out DIR] [--steps N] ...  QLoRA fine-tuning of SmolLM2-135M (offline, CPU)
     qlora-compile info                             versions and which kernels this machine uses
     qlora-compile inspect MODEL_DIR [--json] [--html OUT.html]   what compile does, without weights
@@ -28,7 +30,7 @@ from ..units import parse_size
 
 # Modules of the optional extras (pyproject.toml), by the extra that installs them.
 _EXTRAS = {"rich": "cli", "onnx": "onnx", "onnx_ir": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
-           "yaml": "demo", "gguf": "demo"}  # fmt: skip
+           "yaml": "train", "datasets": "train", "matplotlib": "train", "gguf": "demo"}  # fmt: skip
 
 
 def _console():
@@ -64,6 +66,46 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = demo.DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(demo.DemoConfig)})
     demo.run(args.out, cfg)
     return 0
+
+
+def _train_summary(r: dict) -> str:
+    """One line: steps, speed, and the losses before and after (those that exist)."""
+    parts = [f"trained to step {r['steps']} in {r['train_seconds']:.1f} s"]
+    if r["tokens_per_s"]:
+        parts[0] += f" ({r['tokens_per_s']:.0f} tokens/s)"
+    for name, first, last in (
+        ("loss", "loss_first", "loss_last"),
+        ("eval loss", "eval_loss_before", "eval_loss_after"),
+    ):
+        if r[first] is not None and r[last] is not None:
+            parts.append(f"{name} {r[first]:.4f} -> {r[last]:.4f}")
+    return ", ".join(parts) + f"; adapter: {r['adapter']}"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..train import load_config, train
+
+    rest = list(args.rest)
+    path = rest.pop(0) if rest and not rest[0].startswith("-") else None
+    resume, progress, overrides = None, True, []
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--resume" or arg.startswith("--resume="):
+            resume = arg.partition("=")[2] or (rest.pop(0) if rest else "")
+            if not resume:
+                raise InvalidArgumentError("--resume needs 'latest' or a checkpoint folder")
+        elif arg == "--no-progress":
+            progress = False
+        else:
+            overrides.append(arg)
+    result = train(load_config(path, overrides), resume=resume, progress=progress)
+    r = result.report
+    if result.stopped_by is not None:
+        print(f"stopped by {r['stopped_by_signal']} after step {r['steps']}: checkpoint saved in "
+              f"{result.output_dir}; continue with --resume latest", file=sys.stderr)  # fmt: skip
+    else:
+        print(_train_summary(r))
+    return result.exit_code
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -284,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile backend after our passes (default: inductor, compile()'s own)",
     )  # fmt: skip
     demo.set_defaults(run=_demo)
+    train = sub.add_parser(
+        "train", help="QLoRA fine-tuning on your model folder and data files (YAML config and/or --key value)",
+        usage="qlora-compile train [CONFIG.yaml] [--key value ...] [--resume latest|PATH] [--no-progress]",
+        description="Every config field is a --key value option (dotted for QLoRAConfig fields: --qlora.r 16); "
+        "values are read as YAML scalars. See README.md, 'qlora-compile train'.",
+    )  # fmt: skip
+    train.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    train.set_defaults(run=_train)
     info = sub.add_parser("info", help="versions, and which kernels this machine uses")
     info.set_defaults(run=_info)
     insp = sub.add_parser(
@@ -333,8 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_train(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`train`'s own arguments are config keys, unknown to argparse: (what argparse parses, train's
+    arguments), or (argv, None) for every other command and for `train -h`."""
+    i = 0
+    while i < len(argv) and argv[i] in ("-v", "--verbose"):
+        i += 1
+    if i < len(argv) and argv[i] == "train" and not {"-h", "--help"} & set(argv[i + 1 :]):
+        rest = argv[i + 1 :]
+        verbose = [a for a in rest if a in ("-v", "--verbose")]  # -v after `train` too
+        return verbose + argv[: i + 1], [a for a in rest if a not in verbose]
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv, train_args = _split_train(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    if train_args is not None:
+        args.rest = train_args
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -33,11 +33,13 @@ from rich.console import Console
 from tqdm import tqdm
 
 from ..errors import InvalidArgumentError
+from ..train.encode import IGNORE, encode_chat, encode_completion, has_chat_template
+from ..train.loop import evaluate
+from ..train.plots import write_training_plot
 from . import assets
 
 logger = logging.getLogger(__name__)
 CORPUS = "chatterbot_corpus/data/english"
-IGNORE = -100  # label of tokens without loss (prompt, padding), as transformers' loss expects
 # A short system message: SmolLM2's template otherwise inserts its default one (about 20 tokens,
 # twice what a typical corpus answer costs) into every example.
 SYSTEM = "You are a friendly chatbot."
@@ -100,31 +102,17 @@ def parse_pairs(files: list[Path]) -> list[tuple[str, str]]:
 
 
 def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one exchange; labels are IGNORE on the prompt.
+    """(input_ids, labels) of one exchange; labels are IGNORE on the prompt (`qlora-compile train`'s
+    encoders: `qlora_compile.train.encode`).
 
-    With a chat template: the ids of [system (SYSTEM), user, assistant] messages; the prompt part
-    is the ids of [system, user] with the generation prompt (checked to be a prefix), so the
-    answer's labels include the template's end-of-turn tokens. Without one: "Question: ...
-    Answer:" then " <answer>" and the EOS token.
+    With a chat template: [system (SYSTEM), user, assistant] messages, the labels on the answer and
+    the template's end-of-turn tokens. Without one: "Question: ... Answer:" then " <answer>" and EOS.
     """
-    if getattr(tokenizer, "chat_template", None):
-        user = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
-        head = _ids(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True))
-        ids = _ids(
-            tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=True)
-        )
-        if ids[: len(head)] != head:
-            raise ValueError("the chat template's prompt is not a prefix of the full exchange")
-    else:
-        head = tokenizer(f"Question: {prompt}\nAnswer:", add_special_tokens=True)["input_ids"]
-        tail = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = head + tail
-    return ids, [IGNORE] * len(head) + ids[len(head) :]
-
-
-def _ids(encoded) -> list[int]:
-    """apply_chat_template returns a list or (transformers 5) a BatchEncoding."""
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    if has_chat_template(tokenizer):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": answer}]  # fmt: skip
+        return encode_chat(tokenizer, messages)
+    return encode_completion(tokenizer, f"Question: {prompt}\nAnswer:", " " + answer)
 
 
 def collate(examples: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -184,29 +172,16 @@ def _export_step(base: Path, adapter: Path, out: Path, console: Console) -> dict
 
 
 def held_out_loss(model, examples, cfg: DemoConfig, pad_id: int) -> float:
-    """Mean next-token loss over all answer tokens of the held-out examples.
-
-    Eager (`force_eager`) and in eval mode: the batches have their own lengths, and neither they nor
-    the eval-mode flag should trigger a new trace of the compiled training graph.
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
+    """Mean next-token loss over all answer tokens of the held-out examples (`qlora-compile train`'s
+    evaluation: eager, in eval mode), in batches of 16 sorted by length."""
     encoded = sorted((e for _, e in examples), key=lambda e: len(e[0]))  # little padding per batch
-    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-        for i in range(0, len(encoded), 16):
-            chunk = encoded[i : i + 16]
-            batch = collate(chunk, max(len(ids) for ids, _ in chunk), pad_id)
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())  # tokens the shifted loss averages over
-            total += model(**batch).loss.item() * n
-            count += n
-    model.train(was_training)
-    return total / count
+    chunks = [encoded[i : i + 16] for i in range(0, len(encoded), 16)]
+    return evaluate(model, (collate(c, max(len(ids) for ids, _ in c), pad_id) for c in chunks))
 
 
 def prompt_inputs(tokenizer, prompt: str) -> dict:
     """The held-out question as the model sees it: chat template with the short system message."""
-    if getattr(tokenizer, "chat_template", None):
+    if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(
             [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
             add_generation_prompt=True,
@@ -433,19 +408,9 @@ def _print(console: Console, s: dict) -> None:
 def write_loss_png(
     path: Path, losses: list[float], before: float, after: float, w: int = 640, h: int = 360
 ) -> None:
-    """Training loss per step, and the held-out loss before and after (red squares, dashed), as a
-    `w` x `h` PNG drawn by matplotlib (a Figure of its own: no pyplot state, no display needed).
-    Non-finite losses leave gaps."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w / 100, h / 100), dpi=100)
-    ax = fig.add_subplot()
-    ax.plot(range(1, len(losses) + 1), losses, color="tab:blue", label="training loss (answer tokens)")
-    ax.plot(
-        [0, len(losses)], [before, after], "s--", color="tab:red", label="held-out loss, before and after"
-    )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    """Training loss per step (blue), and the held-out loss before and after (red squares, dashed):
+    `qlora-compile train`'s plot."""
+    write_training_plot(
+        path, list(enumerate(losses, 1)), [(0, before), (len(losses), after)],
+        train_label="training loss (answer tokens)", eval_label="held-out loss, before and after", w=w, h=h,
+    )  # fmt: skip
