@@ -66,6 +66,10 @@ class QLoRAConfig:
             compiled block cannot serve every layer there. A model without such blocks is
             compiled whole. "model": one graph of the whole forward, `generate()` included
             (compile time grows with depth).
+        dynamic: torch.compile's `dynamic`: None (default) compiles the first shape static and
+            recompiles once with symbolic sizes at the second; True compiles symbolic sizes at
+            once (one graph for every batch and sequence size; `qlora-compile train` uses it);
+            False specializes on every shape.
         fused_loss: with compile_scope="layers", a causal LM of a family in
             `qlora_compile.loss.FUSED_LOSS_MODELS` (Llama, Mistral, Qwen2/3, Phi-3) computes its
             training loss with the output head and the cross-entropy fused, over chunks of
@@ -95,6 +99,7 @@ class QLoRAConfig:
     clip_per_parameter: bool = False
     backend: str = "inductor"
     compile_scope: str = "layers"
+    dynamic: bool | None = None
     fused_loss: bool = True
 
     def __post_init__(self) -> None:

@@ -542,7 +542,9 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
         raise InvalidArgumentError(f"no eligible linear layer to quantize ({reasons})")
     model.qlora = QLoRAHandle(model, config, report, saved)
     _warn_backend_bugs(model, config.backend)
-    report.compiled_blocks = compile_model(model, make_backend(config, report), config.compile_scope)
+    report.compiled_blocks = compile_model(
+        model, make_backend(config, report), config.compile_scope, dynamic=config.dynamic
+    )
     report.fused_loss = fused_loss_applies(model, config) and fuse_causal_lm_loss(model)
     return model
 
@@ -559,16 +561,17 @@ def fused_loss_applies(model: nn.Module, config: QLoRAConfig) -> bool:
     )
 
 
-def compile_model(model: nn.Module, backend, scope: str) -> int:
-    """torch.compile `model` in place with `backend`, as `compile_scope` `scope` says: its
-    repeated blocks ("layers", when it has them) or its whole forward. Returns how many blocks
-    share the compiled code (0: the whole model). `qlora_compile.inspect` traces through this too.
+def compile_model(model: nn.Module, backend, scope: str, dynamic: bool | None = None) -> int:
+    """torch.compile `model` in place with `backend` (and torch.compile's `dynamic`), as
+    `compile_scope` `scope` says: its repeated blocks ("layers", when it has them) or its whole
+    forward. Returns how many blocks share the compiled code (0: the whole model).
+    `qlora_compile.inspect` traces through this too.
     """
     blocks = repeated_blocks(model) if scope == "layers" else []
     if not blocks:
-        _compile_forward(model, backend)
+        _compile_forward(model, backend, dynamic)
         return 0
-    compile_blocks(blocks, backend)
+    compile_blocks(blocks, backend, dynamic)
     no_cache_by_default(model)
     # The first block's input would need no gradient (the embeddings are frozen) and every other
     # block's would: two compiled variants of one block. transformers' own hook (which PEFT's
@@ -659,7 +662,7 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def compile_blocks(blocks: list[nn.Module], backend) -> None:
+def compile_blocks(blocks: list[nn.Module], backend, dynamic: bool | None = None) -> None:
     """Regional compilation: one compiled function serves every block of the model.
 
     It takes the block as its first argument, so Dynamo traces it as an input and the code
@@ -672,7 +675,7 @@ def compile_blocks(blocks: list[nn.Module], backend) -> None:
     def block_forward(block, *args, **kwargs):
         return type(block).forward(block, *args, **kwargs)
 
-    compiled = torch.compile(_unique_code(block_forward, "qlora_block"), backend=backend)
+    compiled = torch.compile(_unique_code(block_forward, "qlora_block"), backend=backend, dynamic=dynamic)
 
     def forward(block, *args, **kwargs):
         if any(isinstance(v, Cache) for v in (*args, *kwargs.values())):
@@ -683,7 +686,7 @@ def compile_blocks(blocks: list[nn.Module], backend) -> None:
         block.forward = types.MethodType(forward, block)
 
 
-def _compile_forward(model: nn.Module, backend) -> None:
+def _compile_forward(model: nn.Module, backend, dynamic: bool | None = None) -> None:
     """Replace the instance's forward by a compiled wrapper of it.
 
     Not `nn.Module.compile`: its entry frame is inside torch.nn, which Dynamo skips for torch.nn
@@ -698,7 +701,7 @@ def _compile_forward(model: nn.Module, backend) -> None:
 
     forward = _unique_code(forward, "qlora_forward")
     functools.update_wrapper(forward, original)
-    model.forward = torch.compile(forward, backend=backend)
+    model.forward = torch.compile(forward, backend=backend, dynamic=dynamic)
 
 
 def _unique_code(fn: Callable, name: str) -> Callable:

@@ -55,15 +55,6 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def mark_dynamic(batch: dict) -> None:
-    """Batch and sequence sizes symbolic from the first step: Dynamo compiles one graph for every
-    batch shape, instead of a static graph for the first shape and a dynamic one at the second."""
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() == 2:
-            torch._dynamo.maybe_mark_dynamic(value, 0)
-            torch._dynamo.maybe_mark_dynamic(value, 1)
-
-
 def train_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
     """Forward and backward every micro-batch, then `model.qlora.step()`; returns the step's loss
     and the gradient norm.
@@ -77,7 +68,6 @@ def train_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, fl
     n = torch.tensor(sum(label_tokens(b) for b in batches), device=device)
     total = torch.zeros((), device=device)
     for batch in batches:
-        mark_dynamic(batch)
         loss = model(**batch, num_items_in_batch=n).loss
         loss.backward()
         total = total + loss.detach().float()

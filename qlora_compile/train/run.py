@@ -143,7 +143,10 @@ def load_model(cfg: TrainConfig, four_bit: bool):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
-    qlora_compile.compile(model, cfg.qlora)
+    # batches of every length in a run: symbolic sizes from the first step, one graph for all
+    # (unless the config asks for another `dynamic`)
+    dynamic = True if cfg.qlora.dynamic is None else cfg.qlora.dynamic
+    qlora_compile.compile(model, cfg.qlora, dynamic=dynamic)
     return model.to(device)  # before model.qlora.optimizer exists: its states go where the parameters are
 
 

@@ -5,11 +5,10 @@ import datasets
 import pytest
 import torch
 import transformers
+import trl  # the dev extra installs it: a test oracle, as peft and bitsandbytes
 
 import qlora_compile
 from tests.train.conftest import chat_records
-
-trl = pytest.importorskip("trl")
 
 
 def test_sft_trainer_trains_a_compiled_model(tiny_lm, tokenizer, tmp_path):
