@@ -433,6 +433,8 @@ class QLoRAHandle:
         self._report = report
         self._optimizer: torch.optim.Optimizer | None = None
         self._hooks = None
+        self.backend = None  # compile(distributed=True): what `distributed.shard` compiles the blocks with
+        self.mesh = None  # the device mesh `distributed.shard` sharded the model over
         if config.step_in_backward:
             self.optimizer  # noqa: B018 (registers the hooks before the first backward)
 
@@ -490,7 +492,8 @@ class QLoRAHandle:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        # sharded (FSDP2) gradients are DTensors: their norm is the global one, replicated
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def report(self) -> Report:
         """What compile did, with the trainable parameters counted as the model has them now."""
@@ -507,12 +510,16 @@ class QLoRAHandle:
         return save_adapter(self._model, directory)
 
 
-def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) -> nn.Module:  # noqa: A001
+def compile(  # noqa: A001
+    model: nn.Module, config: QLoRAConfig | None = None, *, distributed: bool = False, **overrides
+) -> nn.Module:
     """Make `model` QLoRA-trainable and compiled, in place; returns the same object.
 
     Args:
         model: any nn.Module; Hugging Face models keep `generate()` and Trainer support.
         config: a QLoRAConfig (default: the paper's settings).
+        distributed: prepare the model (4-bit storage, LoRA) but leave torch.compile to
+            `qlora_compile.distributed.shard`, which compiles each block after `fully_shard`.
         **overrides: QLoRAConfig fields to change, e.g. `r=16, backend="aot_eager"`.
 
     Raises:
@@ -540,7 +547,11 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
         raise InvalidArgumentError(f"no eligible linear layer to quantize ({reasons})")
     model.qlora = QLoRAHandle(model, config, report, saved)
     _warn_backend_bugs(model, config.backend)
-    report.compiled_blocks = compile_model(model, make_backend(config, report), config.compile_scope)
+    backend = make_backend(config, report)
+    if distributed:  # compiled after sharding: Dynamo breaks the graph at FSDP's hooks otherwise
+        model.qlora.backend = backend
+        return model
+    report.compiled_blocks = compile_model(model, backend, config.compile_scope)
     return model
 
 

@@ -1,0 +1,72 @@
+"""FSDP2 across 2 gloo processes against one process: losses, global gradient norms, the trained
+LoRA weights, the 4-bit bytes each rank holds, and the per-layer graphs with our passes' counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_compile import distributed
+from qlora_compile.errors import InvalidArgumentError, UnsupportedError
+from tests.distributed import launch, workers
+
+STEPS = 3
+# fp32 losses near 4.8 are 4.8e-7 apart (one ulp); the ranks' mean and one process's sum the
+# tokens' losses in other orders, and FSDP averages gradients over ranks: a few ulps.
+TOL = 2e-6
+
+
+@pytest.fixture(scope="module")
+def runs():
+    ranks = launch.run_ranks(workers.train, world=2, timeout=240, steps=STEPS)
+    return ranks, workers.one_process(STEPS)
+
+
+def test_sharded_training_equals_one_process(runs):
+    ranks, ref = runs
+    mean = [sum(r["losses"][i] for r in ranks) / len(ranks) for i in range(STEPS)]
+    assert mean == pytest.approx(ref["losses"], abs=TOL)
+    assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank trained on its own half
+    for r in ranks:  # max_grad_norm 0.3 clips every step: the norm is the global one on every rank
+        assert r["norms"] == pytest.approx(ref["norms"], abs=TOL)
+        assert min(r["norms"]) > 0.3
+    assert ranks[0]["lora"].keys() == ref["lora"].keys()
+    for name, want in ref["lora"].items():
+        torch.testing.assert_close(ranks[0]["lora"][name], want, rtol=0, atol=TOL)
+        torch.testing.assert_close(ranks[1]["lora"][name], ranks[0]["lora"][name], rtol=0, atol=0)
+    assert any(w.abs().sum() > 0 for n, w in ref["lora"].items() if "lora_B" in n)  # it trained
+
+
+def test_each_rank_holds_half_the_4bit_bytes(runs):
+    ranks, ref = runs
+    total = sum(t.numel() * t.element_size() for t in ref["storage"].values())
+    locals_ = [r["bytes_before"][0] for r in ranks]
+    assert [r["bytes_before"][1] for r in ranks] == [total, total]
+    assert sum(locals_) == total
+    # one row of padding at most per tensor (the 65 absmax codes of the MLP split 33 + 32)
+    assert max(locals_) <= total / 2 + len(ref["storage"])
+    assert max(locals_) < 0.51 * total
+    for r in ranks:
+        assert r["bytes_after"] == r["bytes_before"]
+        assert r["storage"].keys() == ref["storage"].keys()
+        for name, want in ref["storage"].items():  # gathered back, the bytes one process holds
+            assert torch.equal(r["storage"][name], want), name
+
+
+def test_one_graph_per_layer_and_our_passes(runs):
+    ranks, ref = runs
+    for r in ranks:
+        assert r["compiled_blocks"] == 2
+        assert r["graphs"] == ref["graphs"] == 1
+        assert r["passes"] == ref["passes"]
+        assert r["passes"]["fuse_lora"] > 0
+
+
+def test_shard_refuses_what_it_cannot_shard():
+    model = workers.new_model(False)  # compiled already: too late to shard
+    with pytest.raises(InvalidArgumentError, match="distributed=True"):
+        distributed.shard(model)
+    with pytest.raises(UnsupportedError, match="compile_scope"):
+        distributed.shard(workers.new_model(True, compile_scope="model"))
+    with pytest.raises(InvalidArgumentError, match="init_process_group"):
+        distributed.shard(workers.new_model(True))
