@@ -22,6 +22,9 @@ half the budget.
 Sharded parameters (FSDP2's DTensors, `qlora_compile.distributed`): each rank keeps states for
 its local shard only and steps it on its local gradient shard; `state_dict` gives the states as
 DTensors placed as their parameters, which `torch.distributed.checkpoint` saves shard by shard.
+Whether a tensor gets 8-bit states depends on its whole size, as in one process; its 256-element
+blocks run along the local shard, so they are one process's blocks when each shard holds a whole
+number of them.
 """
 
 from __future__ import annotations
@@ -213,7 +216,7 @@ class PagedAdamW(torch.optim.Optimizer):
         for p in params:
             n = _local(p).numel()
             chunks = [(s, min(s + pe, n)) for s in range(0, n, pe)]
-            records[p] = _ParamState(p, self._bits(n), chunks)
+            records[p] = _ParamState(p, self._bits(p.numel()), chunks)  # sharded: by its whole size
         resident = list(params)
         if self.device_budget is not None:
             self.pager = Pager(next(iter(devices)), self.device_budget, self.page_dir)
@@ -247,9 +250,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def state_nbytes(self) -> int:
         """Total bytes of optimizer state (all parameters, resident or paged out)."""
-        return sum(
-            state_nbytes_for(_local(p).numel(), self.optim_bits, self.min_8bit_size) for p in self._params()
-        )
+        return sum(state_nbytes_for(_local(p).numel(), self._bits(p.numel()), 0) for p in self._params())
 
     # -- chunks --------------------------------------------------------------------------------
     def _chunk(self, rec: _ParamState, i: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """FSDP2 across 2 gloo processes against one process: losses, global gradient norms, the trained
-LoRA weights, the 4-bit bytes each rank holds, and the per-layer graphs with our passes' counts."""
+LoRA weights, the 4-bit bytes each rank holds, and the per-layer graphs with our passes' counts.
+Two runs in the same processes (`workers.RUNS`): 32-bit AdamW states, and 8-bit states paged out."""
 
 from __future__ import annotations
 
@@ -11,30 +12,50 @@ from qlora_compile.errors import InvalidArgumentError, UnsupportedError
 from tests.distributed import launch, workers
 
 STEPS = 3
+RUNS = tuple(workers.RUNS)
 # fp32 losses near 4.8 are 4.8e-7 apart (one ulp); the ranks' mean and one process's sum the
 # tokens' losses in other orders, and FSDP averages gradients over ranks: a few ulps.
 TOL = 2e-6
+# 8-bit states: a gradient a few ulps off can round a state to the neighbouring 8-bit code, which
+# moves that element's update by up to a tenth of lr (seen: 1 element of 8192 off by 5e-5, lr 1e-3):
+# (share of elements allowed beyond TOL, bound for those)
+LORA_FLIPS = {"adamw32": (0.0, TOL), "paged8": (1e-3, 1e-4)}
 
 
 @pytest.fixture(scope="module")
-def runs():
-    ranks = launch.run_ranks(workers.train, world=2, timeout=240, steps=STEPS)
-    return ranks, workers.one_process(STEPS)
+def sharded():
+    return launch.run_ranks(workers.train, world=2, timeout=240, steps=STEPS, runs=RUNS)
+
+
+@pytest.fixture(scope="module", params=RUNS)
+def runs(request, sharded):
+    return [r[request.param] for r in sharded], workers.one_process(STEPS, request.param)
 
 
 def test_sharded_training_equals_one_process(runs):
     ranks, ref = runs
+    flips, bound = LORA_FLIPS[ref["run"]]
     mean = [sum(r["losses"][i] for r in ranks) / len(ranks) for i in range(STEPS)]
     assert mean == pytest.approx(ref["losses"], abs=TOL)
     assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank trained on its own half
-    for r in ranks:  # max_grad_norm 0.3 clips every step: the norm is the global one on every rank
+    for r in ranks:  # max_grad_norm clips every step: the norm is the global one on every rank
         assert r["norms"] == pytest.approx(ref["norms"], abs=TOL)
-        assert min(r["norms"]) > 0.3
+        assert min(r["norms"]) > r["max_grad_norm"]
+        assert r["states_8bit"] == ref["states_8bit"]
+        assert (r["page_ins"] > 0) == (ref["page_ins"] > 0)
     assert ranks[0]["lora"].keys() == ref["lora"].keys()
     for name, want in ref["lora"].items():
-        torch.testing.assert_close(ranks[0]["lora"][name], want, rtol=0, atol=TOL)
+        diff = (ranks[0]["lora"][name] - want).abs()
+        assert diff.max() <= bound and (diff > TOL).float().mean() <= flips, (name, diff.max())
         torch.testing.assert_close(ranks[1]["lora"][name], ranks[0]["lora"][name], rtol=0, atol=0)
     assert any(w.abs().sum() > 0 for n, w in ref["lora"].items() if "lora_B" in n)  # it trained
+
+
+def test_the_paged_8bit_run_pages_8bit_states(sharded):
+    for r in sharded:
+        assert r["paged8"]["states_8bit"] == 28  # 7 linears x 2 layers x (lora_A, lora_B)
+        assert r["paged8"]["page_ins"] > 0
+        assert r["adamw32"]["states_8bit"] == 0
 
 
 def test_each_rank_holds_half_the_4bit_bytes(runs):
@@ -43,7 +64,7 @@ def test_each_rank_holds_half_the_4bit_bytes(runs):
     locals_ = [r["bytes_before"][0] for r in ranks]
     assert [r["bytes_before"][1] for r in ranks] == [total, total]
     assert sum(locals_) == total
-    # one row of padding at most per tensor (the 65 absmax codes of the MLP split 33 + 32)
+    # one row of padding at most per tensor (adamw32: the MLP's 65 absmax codes split 33 + 32)
     assert max(locals_) <= total / 2 + len(ref["storage"])
     assert max(locals_) < 0.51 * total
     for r in ranks:

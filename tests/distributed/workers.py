@@ -12,6 +12,18 @@ from tests.models import tiny_model
 SETTINGS = {"backend": "aot_eager", "lora_dropout": 0.0, "compute_dtype": torch.float32, "r": 8, "lr": 1e-3}
 BATCH, SEQ = 4, 16
 
+# name -> (model overrides, compile overrides). "adamw32": intermediate_size 65, so the MLP's 65
+# absmax codes split unevenly (33 + 32) and FSDP2 pads them. "paged8": 8-bit states paged out
+# (a 64 KiB budget); every LoRA tensor has 8192 elements (2 x 4096 per rank), so each rank's
+# 256-element state blocks are one process's blocks.
+RUNS = {
+    "adamw32": ({"intermediate_size": 65}, {}),
+    "paged8": (
+        {"hidden_size": 128, "intermediate_size": 128, "num_key_value_heads": 4},
+        {"r": 64, "optim_bits": 8, "paged": True, "device_budget": 2**16, "max_grad_norm": 0.2},
+    ),
+}
+
 
 def batches(steps: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
@@ -24,32 +36,12 @@ def rank_slice(batch: dict, rank: int, world: int) -> dict:
     return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
 
-def new_model(distributed_: bool, **settings) -> torch.nn.Module:
-    # intermediate_size 65: the MLP's 65 absmax codes split unevenly (33 + 32), so FSDP2 pads them
-    model = tiny_model("llama", intermediate_size=65)
-    return qlora_compile.compile(model, distributed=distributed_, **{**SETTINGS, **settings})
-
-
-def one_process(steps: int, **settings) -> dict:
-    """The reference: one process, the full batch each step."""
-    model = new_model(False, **settings)
-    model.train()
-    losses, norms = [], []
-    for batch in batches(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        norms.append(model.qlora.step())
-        losses.append(loss.item())
-    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    report = model.qlora.report()
-    return {
-        "losses": losses,
-        "norms": norms,
-        "lora": lora,
-        "storage": storage(model),
-        "graphs": report.graphs,
-        "passes": dict(report.passes),
-    }
+def new_model(distributed_: bool, run: str = "adamw32", **settings) -> torch.nn.Module:
+    model_overrides, compile_overrides = RUNS[run]
+    model = tiny_model("llama", **model_overrides)
+    return qlora_compile.compile(
+        model, distributed=distributed_, **{**SETTINGS, **compile_overrides, **settings}
+    )
 
 
 def storage(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -61,27 +53,50 @@ def storage(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def train(rank: int, world: int, steps: int, **settings) -> dict:
-    """Sharded training on this rank's slice of each batch."""
-    model = new_model(True, **settings)
-    distributed.shard(model)
-    before = distributed.storage_bytes(model)
+def _train(model: torch.nn.Module, steps: int, part=lambda batch: batch) -> dict:
     model.train()
     losses, norms = [], []
     for batch in batches(steps):
-        loss = model(**rank_slice(batch, rank, world)).loss
+        loss = model(**part(batch)).loss
         loss.backward()
         norms.append(model.qlora.step())
         losses.append(loss.item())
     report = model.qlora.report()
+    optimizer = model.qlora.optimizer
     return {
         "losses": losses,
         "norms": norms,
-        "lora": distributed.gathered_lora(model),
-        "bytes_before": before,
-        "bytes_after": distributed.storage_bytes(model),
         "storage": storage(model),
         "graphs": report.graphs,
         "passes": dict(report.passes),
         "compiled_blocks": report.compiled_blocks,
+        "max_grad_norm": model.qlora.config.max_grad_norm,
+        "states_8bit": sum(rec.bits == 8 for rec in optimizer._records.values()),
+        "page_ins": optimizer.pager.page_ins if optimizer.pager is not None else 0,
     }
+
+
+def one_process(steps: int, run: str = "adamw32") -> dict:
+    """The reference: one process, the full batch each step."""
+    model = new_model(False, run)
+    result = _train(model, steps)
+    result["run"] = run
+    result["lora"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return result
+
+
+def train(rank: int, world: int, steps: int, runs: tuple[str, ...] = ("adamw32",)) -> dict:
+    """Sharded training, each rank on its slice of each batch; one result per run."""
+    results = {}
+    for run in runs:
+        model = new_model(True, run)
+        distributed.shard(model)
+        before = distributed.storage_bytes(model)
+        result = _train(model, steps, lambda batch: rank_slice(batch, rank, world))
+        result.update(
+            lora=distributed.gathered_lora(model),
+            bytes_before=before,
+            bytes_after=distributed.storage_bytes(model),
+        )
+        results[run] = result
+    return results
