@@ -505,9 +505,26 @@ class QLoRAHandle:
         return r
 
     def save_adapter(self, directory: str | Path) -> Path:
+        """PEFT's format. Sharded: every rank must call it (the weights are gathered), rank 0 writes."""
         from .adapters import save_adapter
 
-        return save_adapter(self._model, directory)
+        path = save_adapter(self._model, directory)
+        if self.mesh is not None:
+            torch.distributed.barrier()  # the other ranks return once rank 0 has written
+        return path
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """The training state (trainable parameters, optimizer states and step, RNG) through
+        `torch.distributed.checkpoint`, on every rank (`qlora_compile.distributed.save_checkpoint`)."""
+        from .distributed import save_checkpoint
+
+        return save_checkpoint(self._model, directory)
+
+    def load_checkpoint(self, directory: str | Path) -> int:
+        """Restore `save_checkpoint`'s folder on every rank; returns the optimizer step saved."""
+        from .distributed import load_checkpoint
+
+        return load_checkpoint(self._model, directory)
 
 
 def compile(  # noqa: A001

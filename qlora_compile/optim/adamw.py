@@ -376,6 +376,21 @@ class PagedAdamW(torch.optim.Optimizer):
         groups[0]["qlora_optim"] = {"optim_bits": self.optim_bits, "min_8bit_size": self.min_8bit_size}
         return {"state": state, "param_groups": groups}
 
+    def empty_state_dict(self) -> dict:
+        """`state_dict`'s layout with zeros, every parameter included (stepped or not): what a
+        loader that fills tensors in place (`torch.distributed.checkpoint.load`) loads into."""
+        state = {}
+        for index, (p, rec) in enumerate(self._layout().items()):
+            entry = {"step": torch.tensor(0.0)}
+            for key in _STATE_KEYS[rec.bits]:
+                if "absmax" in key:
+                    entry[key] = torch.zeros(_blocks(rec.numel), dtype=torch.float32)
+                else:
+                    dtype = torch.float32 if rec.bits == 32 else torch.uint8
+                    entry[key] = _placed_like(p, torch.zeros(rec.numel, dtype=dtype))
+            state[index] = entry
+        return {"state": state, "param_groups": self.state_dict()["param_groups"]}
+
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         groups = state_dict["param_groups"]

@@ -9,9 +9,9 @@ import torch
 
 from qlora_compile import distributed
 from qlora_compile.errors import InvalidArgumentError, UnsupportedError
-from tests.distributed import launch, workers
+from tests.distributed import workers
+from tests.distributed.conftest import STEPS
 
-STEPS = 3
 RUNS = tuple(workers.RUNS)
 # fp32 losses near 4.8 are 4.8e-7 apart (one ulp); the ranks' mean and one process's sum the
 # tokens' losses in other orders, and FSDP averages gradients over ranks: a few ulps.
@@ -20,11 +20,6 @@ TOL = 2e-6
 # moves that element's update by up to a tenth of lr (seen: 1 element of 8192 off by 5e-5, lr 1e-3):
 # (share of elements allowed beyond TOL, bound for those)
 LORA_FLIPS = {"adamw32": (0.0, TOL), "paged8": (1e-3, 1e-4)}
-
-
-@pytest.fixture(scope="module")
-def sharded():
-    return launch.run_ranks(workers.train, world=2, timeout=240, steps=STEPS, runs=RUNS)
 
 
 @pytest.fixture(scope="module", params=RUNS)

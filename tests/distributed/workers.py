@@ -53,19 +53,26 @@ def storage(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _train(model: torch.nn.Module, steps: int, part=lambda batch: batch) -> dict:
+def _train(
+    model: torch.nn.Module, steps: int, part=lambda batch: batch, start: int = 0, save: tuple = (None, None)
+) -> dict:
+    """Steps `start`..`steps` of the run; `save`: (step k, folder) to checkpoint after step k."""
     model.train()
-    losses, norms = [], []
-    for batch in batches(steps):
+    losses, norms, draws = [], [], None
+    for i, batch in enumerate(batches(steps)[start:], start):
         loss = model(**part(batch)).loss
         loss.backward()
         norms.append(model.qlora.step())
         losses.append(loss.item())
+        if i + 1 == save[0]:
+            model.qlora.save_checkpoint(save[1])
+            draws = torch.rand(4)  # what the RNG gives next: a resumed run must draw the same
     report = model.qlora.report()
     optimizer = model.qlora.optimizer
     return {
         "losses": losses,
         "norms": norms,
+        "draws": draws,
         "storage": storage(model),
         "graphs": report.graphs,
         "passes": dict(report.passes),
@@ -85,18 +92,51 @@ def one_process(steps: int, run: str = "adamw32") -> dict:
     return result
 
 
-def train(rank: int, world: int, steps: int, runs: tuple[str, ...] = ("adamw32",)) -> dict:
-    """Sharded training, each rank on its slice of each batch; one result per run."""
+def one_process_adapter(steps: int, directory) -> None:
+    """The reference adapter: one process's run saved in PEFT's format."""
+    model = new_model(False)
+    _train(model, steps)
+    model.qlora.save_adapter(directory)
+
+
+def train(
+    rank: int,
+    world: int,
+    steps: int,
+    runs: tuple[str, ...] = ("adamw32",),
+    save_at: int | None = None,
+    out=None,
+) -> dict:
+    """Sharded training, each rank on its slice of each batch; one result per run. With `save_at`,
+    a checkpoint of each run after that step (`out/<run>`), and the adapter at the end (`out/adapter-<run>`)."""
     results = {}
     for run in runs:
         model = new_model(True, run)
         distributed.shard(model)
         before = distributed.storage_bytes(model)
-        result = _train(model, steps, lambda batch: rank_slice(batch, rank, world))
+        save = (save_at, f"{out}/{run}") if save_at else (None, None)
+        result = _train(model, steps, lambda batch: rank_slice(batch, rank, world), save=save)
+        if save_at:
+            model.qlora.save_adapter(f"{out}/adapter-{run}")
         result.update(
             lora=distributed.gathered_lora(model),
             bytes_before=before,
             bytes_after=distributed.storage_bytes(model),
         )
+        results[run] = result
+    return results
+
+
+def resume(rank: int, world: int, steps: int, out, runs: tuple[str, ...]) -> dict:
+    """Fresh processes: each run rebuilt, sharded, loaded from `out/<run>`, trained to the end."""
+    results = {}
+    for run in runs:
+        model = new_model(True, run)
+        distributed.shard(model)
+        torch.manual_seed(1234 + rank)  # another RNG state than the saved one: the load must restore it
+        start = model.qlora.load_checkpoint(f"{out}/{run}")
+        draws = torch.rand(4)
+        result = _train(model, steps, lambda batch: rank_slice(batch, rank, world), start=start)
+        result.update(start=start, draws=draws, lora=distributed.gathered_lora(model))
         results[run] = result
     return results

@@ -33,8 +33,8 @@ import logging
 import torch
 from torch import nn
 
-from . import pipeline
-from .errors import InvalidArgumentError, UnsupportedError
+from .. import pipeline
+from ..errors import InvalidArgumentError, UnsupportedError
 
 logger = logging.getLogger(__name__)
 
