@@ -9,28 +9,24 @@ import torch
 from safetensors.torch import load_file
 
 from tests.distributed import launch, workers
+from tests.distributed.conftest import SAVE_AT, STEPS
 
-STEPS, SAVE_AT = 4, 2
 RUNS = tuple(workers.RUNS)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dcp")
-    whole = launch.run_ranks(
-        workers.train, world=2, timeout=240, steps=STEPS, runs=RUNS, save_at=SAVE_AT, out=str(out)
+def resumed(sharded_out, sharded):
+    """Fresh ranks resuming from the shared launch's checkpoints (taken after SAVE_AT steps)."""
+    return launch.run_ranks(
+        workers.resume, world=2, timeout=240, steps=STEPS, out=str(sharded_out), runs=RUNS
     )
-    resumed = launch.run_ranks(workers.resume, world=2, timeout=240, steps=STEPS, out=str(out), runs=RUNS)
-    return out, whole, resumed
 
 
 @pytest.mark.parametrize("run", RUNS)
-def test_resume_is_bit_identical(runs, run):
-    out, whole, resumed = runs
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*RUNS, *(f"adapter-{r}" for r in RUNS)]
-    )  # no .partial
-    for w, r in zip(whole, resumed, strict=True):
+def test_resume_is_bit_identical(sharded_out, sharded, resumed, run):
+    names = [*RUNS, *(f"adapter-{r}" for r in RUNS), *(f"reference-adapter-{r}" for r in RUNS)]
+    assert sorted(p.name for p in sharded_out.iterdir()) == sorted(names)  # no .partial left
+    for w, r in zip(sharded, resumed, strict=True):
         w, r = w[run], r[run]
         assert r["start"] == SAVE_AT
         assert r["losses"] == w["losses"][SAVE_AT:]  # exactly
@@ -39,20 +35,17 @@ def test_resume_is_bit_identical(runs, run):
         assert r["lora"].keys() == w["lora"].keys()
         for name in w["lora"]:
             assert torch.equal(r["lora"][name], w["lora"][name]), name
-    assert whole[0][run]["losses"][SAVE_AT:] != whole[0][run]["losses"][:SAVE_AT]
+    assert sharded[0][run]["losses"][SAVE_AT:] != sharded[0][run]["losses"][:SAVE_AT]
 
 
-def test_rank0_adapter_equals_one_process(runs, tmp_path):
-    out, whole, _ = runs
-    workers.one_process_adapter(STEPS, tmp_path)
-    want = load_file(tmp_path / "adapter_model.safetensors")
-    got = load_file(out / "adapter-adamw32" / "adapter_model.safetensors")
+def test_rank0_adapter_equals_one_process(sharded_out, sharded):
+    ours, reference = sharded_out / "adapter-adamw32", sharded_out / "reference-adapter-adamw32"
+    want = load_file(reference / "adapter_model.safetensors")
+    got = load_file(ours / "adapter_model.safetensors")
     assert got.keys() == want.keys() and len(want) == 28
     for key in want:  # the sharded run's weights are a few ulps off one process's (test_shard)
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=2e-6)
-    assert (out / "adapter-adamw32" / "adapter_config.json").read_text() == (
-        tmp_path / "adapter_config.json"
-    ).read_text()
-    for key in want:  # written from the gathered weights of the end of the run
+    assert (ours / "adapter_config.json").read_text() == (reference / "adapter_config.json").read_text()
+    for key in want:  # written from the gathered weights at the end of the run
         name = key.removeprefix("base_model.model.")
-        torch.testing.assert_close(got[key], whole[0]["adamw32"]["lora"][name], rtol=0, atol=0)
+        torch.testing.assert_close(got[key], sharded[0]["adamw32"]["lora"][name], rtol=0, atol=0)

@@ -22,9 +22,10 @@ TOL = 2e-6
 LORA_FLIPS = {"adamw32": (0.0, TOL), "paged8": (1e-3, 1e-4)}
 
 
-@pytest.fixture(scope="module", params=RUNS)
+@pytest.fixture(params=RUNS)
 def runs(request, sharded):
-    return [r[request.param] for r in sharded], workers.one_process(STEPS, request.param)
+    """(each rank's result, the one-process reference) of one run."""
+    return [r[request.param] for r in sharded], sharded[0]["reference"][request.param]
 
 
 def test_sharded_training_equals_one_process(runs):

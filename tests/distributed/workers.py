@@ -83,20 +83,15 @@ def _train(
     }
 
 
-def one_process(steps: int, run: str = "adamw32") -> dict:
-    """The reference: one process, the full batch each step."""
+def one_process(steps: int, run: str = "adamw32", adapter=None) -> dict:
+    """The reference: one process, the full batch each step (its adapter saved to `adapter`)."""
     model = new_model(False, run)
     result = _train(model, steps)
     result["run"] = run
     result["lora"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if adapter:
+        model.qlora.save_adapter(adapter)
     return result
-
-
-def one_process_adapter(steps: int, directory) -> None:
-    """The reference adapter: one process's run saved in PEFT's format."""
-    model = new_model(False)
-    _train(model, steps)
-    model.qlora.save_adapter(directory)
 
 
 def train(
@@ -108,7 +103,8 @@ def train(
     out=None,
 ) -> dict:
     """Sharded training, each rank on its slice of each batch; one result per run. With `save_at`,
-    a checkpoint of each run after that step (`out/<run>`), and the adapter at the end (`out/adapter-<run>`)."""
+    a checkpoint of each run after that step (`out/<run>`), and the adapter at the end (`out/adapter-<run>`).
+    Rank 0 also runs the one-process references (`reference`), in a process Dynamo has warmed up."""
     results = {}
     for run in runs:
         model = new_model(True, run)
@@ -124,6 +120,9 @@ def train(
             bytes_after=distributed.storage_bytes(model),
         )
         results[run] = result
+    if rank == 0:
+        adapter = lambda run: f"{out}/reference-adapter-{run}" if save_at else None  # noqa: E731
+        results["reference"] = {run: one_process(steps, run, adapter(run)) for run in runs}
     return results
 
 
