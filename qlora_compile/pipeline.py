@@ -435,6 +435,7 @@ class QLoRAHandle:
         self._hooks = None
         self.backend = None  # compile(distributed=True): what `distributed.shard` compiles the blocks with
         self.mesh = None  # the device mesh `distributed.shard` sharded the model over
+        self.bytes_read: dict[str, int] = {}  # shard() of a model built on meta: bytes each rank read
         if config.step_in_backward:
             self.optimizer  # noqa: B018 (registers the hooks before the first backward)
 

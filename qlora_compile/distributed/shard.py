@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import pipeline
 from ..errors import InvalidArgumentError, UnsupportedError
+from . import load
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ def shard(
 ) -> nn.Module:
     """Shard a model that `qlora_compile.compile(model, distributed=True)` prepared, in place
     (returns it): 4-bit storage and LoRA split over the ranks of `mesh`, blocks compiled.
+
+    A model built by `load_quantized(path, device="meta")` is filled here, after `fully_shard`:
+    each rank reads only its rows of each sharded tensor from the folder (`distributed/load.py`);
+    `model.qlora.bytes_read` says how many bytes.
 
     Args:
         model: the model, as `compile(..., distributed=True)` returned it, before its first forward.
@@ -77,6 +82,7 @@ def shard(
         raise UnsupportedError(
             f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of layers) to shard one by one"
         )
+    adapters = load.real_adapters(model) if load.on_meta(model) else None  # before sharding: whole
     moved = storage_to_parameters(model)
     logger.info("sharding %d blocks; %d storage tensors made frozen parameters", len(blocks), moved)
     options = {
@@ -89,6 +95,8 @@ def shard(
         fully_shard(block, **options)
     fully_shard(model, **options)
     handle.mesh = next(model.parameters()).device_mesh
+    if adapters is not None:  # built on meta: each rank reads its rows now
+        handle.bytes_read = load.fill_from_folder(model, adapters, _device(handle.mesh))
     handle.reset_optimizer()  # fully_shard replaced every parameter by a sharded one
     handle.report().compiled_blocks = pipeline.compile_model(model, handle.backend, "layers")
     handle.backend = None
@@ -123,6 +131,12 @@ def _check_shardable(model: nn.Module):
             "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for it)"
         )
     return handle
+
+
+def _device(mesh) -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
 
 
 def storage_to_parameters(model: nn.Module) -> int:

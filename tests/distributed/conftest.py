@@ -12,7 +12,9 @@ STEPS, SAVE_AT = 4, 2
 
 @pytest.fixture(scope="session")
 def sharded_out(tmp_path_factory):
-    return tmp_path_factory.mktemp("dcp")
+    out = tmp_path_factory.mktemp("dcp")
+    workers.make_folder(out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ TOL = 2e-6
 # 8-bit states: a gradient a few ulps off can round a state to the neighbouring 8-bit code, which
 # moves that element's update by up to a tenth of lr (seen: 1 element of 8192 off by 5e-5, lr 1e-3):
 # (share of elements allowed beyond TOL, bound for those)
-LORA_FLIPS = {"adamw32": (0.0, TOL), "paged8": (1e-3, 1e-4)}
+LORA_FLIPS = {"adamw32": (0.0, TOL), "folder": (0.0, TOL), "paged8": (1e-3, 1e-4)}
 
 
 @pytest.fixture(params=RUNS)
@@ -68,6 +68,22 @@ def test_each_rank_holds_half_the_4bit_bytes(runs):
         assert r["storage"].keys() == ref["storage"].keys()
         for name, want in ref["storage"].items():  # gathered back, the bytes one process holds
             assert torch.equal(r["storage"][name], want), name
+
+
+def test_each_rank_reads_only_its_rows_of_the_folder(sharded, sharded_out):
+    from qlora_compile.checkpoint.model_folder import ModelFolder
+
+    statistics = (".quant_state.", ".quant_map", ".nested_absmax", ".nested_quant_map")  # read on meta, tiny
+    infos = ModelFolder(sharded_out / "bnb4").infos
+    stored = sum(i.nbytes for k, i in infos.items() if not any(s in k for s in statistics))
+    four_bit = sum(i.nbytes for k, i in infos.items() if k.endswith(("_proj.weight", "_proj.weight.absmax")))
+    assert four_bit > 0.25 * stored  # the rest: embeddings and lm_head (fp32, sharded as well), norms
+    reads = [r["folder"]["bytes_read"] for r in sharded]
+    assert sum(r["sharded"] for r in reads) == stored  # each row read once, by one rank
+    for r in reads:  # half each, but for padding (the MLP's 65 absmax codes split 33 + 32)
+        assert abs(r["sharded"] - stored / 2) <= 64
+        assert r["replicated"] == 0  # no tensor read whole: the statistics came with the meta load
+    assert [r["adamw32"]["bytes_read"] for r in sharded] == [{}, {}]  # built whole: nothing to read
 
 
 def test_one_graph_per_layer_and_our_passes(runs):

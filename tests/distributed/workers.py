@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 import qlora_compile
 from qlora_compile import distributed
-from tests.models import tiny_model
+from tests.models import save_tiny, tiny_model
 
 # fp32 end to end and no dropout: the sharded run must reproduce one process's numbers
 SETTINGS = {"backend": "aot_eager", "lora_dropout": 0.0, "compute_dtype": torch.float32, "r": 8, "lr": 1e-3}
@@ -16,8 +18,11 @@ BATCH, SEQ = 4, 16
 # absmax codes split unevenly (33 + 32) and FSDP2 pads them. "paged8": 8-bit states paged out
 # (a 64 KiB budget); every LoRA tensor has 8192 elements (2 x 4096 per rank), so each rank's
 # 256-element state blocks are one process's blocks.
+# "folder": the adamw32 model saved and converted to a 4-bit folder (`make_folder`), loaded on
+# meta by every rank, each reading its rows in shard(); the one-process run loads it whole.
 RUNS = {
     "adamw32": ({"intermediate_size": 65}, {}),
+    "folder": ({"intermediate_size": 65}, {}),
     "paged8": (
         {"hidden_size": 128, "intermediate_size": 128, "num_key_value_heads": 4},
         {"r": 64, "optim_bits": 8, "paged": True, "device_budget": 2**16, "max_grad_norm": 0.2},
@@ -36,9 +41,20 @@ def rank_slice(batch: dict, rank: int, world: int) -> dict:
     return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
 
-def new_model(distributed_: bool, run: str = "adamw32", **settings) -> torch.nn.Module:
+def make_folder(out: Path) -> Path:
+    """The "folder" run's model as a bitsandbytes 4-bit folder, `out/bnb4`."""
+    save_tiny(out / "dense", "llama", **RUNS["folder"][0])
+    qlora_compile.convert_checkpoint(out / "dense", out / "bnb4", progress=False)
+    return out / "bnb4"
+
+
+def new_model(distributed_: bool, run: str = "adamw32", out=None, **settings) -> torch.nn.Module:
     model_overrides, compile_overrides = RUNS[run]
-    model = tiny_model("llama", **model_overrides)
+    if run == "folder":
+        torch.manual_seed(0)  # LoRA's draws: the same in both processes, whenever they come
+        model = qlora_compile.load_quantized(Path(out) / "bnb4", device="meta" if distributed_ else "cpu")
+    else:
+        model = tiny_model("llama", **model_overrides)
     return qlora_compile.compile(
         model, distributed=distributed_, **{**SETTINGS, **compile_overrides, **settings}
     )
@@ -83,9 +99,9 @@ def _train(
     }
 
 
-def one_process(steps: int, run: str = "adamw32", adapter=None) -> dict:
+def one_process(steps: int, run: str = "adamw32", adapter=None, out=None) -> dict:
     """The reference: one process, the full batch each step (its adapter saved to `adapter`)."""
-    model = new_model(False, run)
+    model = new_model(False, run, out)
     result = _train(model, steps)
     result["run"] = run
     result["lora"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -107,7 +123,7 @@ def train(
     Rank 0 also runs the one-process references (`reference`), in a process Dynamo has warmed up."""
     results = {}
     for run in runs:
-        model = new_model(True, run)
+        model = new_model(True, run, out)
         distributed.shard(model)
         before = distributed.storage_bytes(model)
         save = (save_at, f"{out}/{run}") if save_at else (None, None)
@@ -118,11 +134,12 @@ def train(
             lora=distributed.gathered_lora(model),
             bytes_before=before,
             bytes_after=distributed.storage_bytes(model),
+            bytes_read=model.qlora.bytes_read,
         )
         results[run] = result
     if rank == 0:
         adapter = lambda run: f"{out}/reference-adapter-{run}" if save_at else None  # noqa: E731
-        results["reference"] = {run: one_process(steps, run, adapter(run)) for run in runs}
+        results["reference"] = {run: one_process(steps, run, adapter(run), out) for run in runs}
     return results
 
 
@@ -130,7 +147,7 @@ def resume(rank: int, world: int, steps: int, out, runs: tuple[str, ...]) -> dic
     """Fresh processes: each run rebuilt, sharded, loaded from `out/<run>`, trained to the end."""
     results = {}
     for run in runs:
-        model = new_model(True, run)
+        model = new_model(True, run, out)
         distributed.shard(model)
         torch.manual_seed(1234 + rank)  # another RNG state than the saved one: the load must restore it
         start = model.qlora.load_checkpoint(f"{out}/{run}")
