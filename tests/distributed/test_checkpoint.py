@@ -51,7 +51,7 @@ def test_rank0_adapter_equals_one_process(sharded_out, sharded):
     got = load_file(ours / "adapter_model.safetensors")
     assert got.keys() == want.keys() and len(want) == 28
     for key in want:  # the sharded run's weights are a few ulps off one process's (test_shard)
-        torch.testing.assert_close(got[key], want[key], rtol=0, atol=2e-6)
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
     assert (ours / "adapter_config.json").read_text() == (reference / "adapter_config.json").read_text()
     for key in want:  # written from the gathered weights at the end of the run
         name = key.removeprefix("base_model.model.")

