@@ -10,11 +10,12 @@ model.qlora.save_adapter("adapter")                            # every rank; ran
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .shard import gathered_lora, shard, storage_bytes, storage_to_parameters
+from .shard import gathered_lora, replicate, shard, storage_bytes, storage_to_parameters
 
 __all__ = [
     "gathered_lora",
     "load_checkpoint",
+    "replicate",
     "save_checkpoint",
     "shard",
     "storage_bytes",

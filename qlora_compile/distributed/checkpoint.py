@@ -20,6 +20,7 @@ files and DCP's metadata are complete: a run killed while saving leaves the prev
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -129,21 +130,23 @@ def _trainable_names(model: nn.Module) -> list[str]:
 
 
 def _padded_absmax(entry: dict, param: torch.Tensor, mesh) -> dict:
-    """8-bit states' per-rank absmax as a Shard(0) DTensor, each rank's part padded to the
-    largest rank's block count (rank 0's: FSDP2 gives the first ranks the larger shards)."""
+    """8-bit states' per-rank absmax as a DTensor placed as `param` (Shard(0) where it is sharded),
+    each rank's part padded to the largest rank's block count (FSDP2 gives the first ranks the
+    larger shards)."""
     if mesh is None or not hasattr(param, "to_local"):
         return entry
     from torch.distributed.tensor import DTensor, Shard
 
-    out = dict(entry)
-    rows = -(-param.shape[0] // mesh.size())
+    shards = math.prod(mesh.size(i) for i, p in enumerate(param.placements) if isinstance(p, Shard))
+    rows = -(-param.shape[0] // shards)
     most = -(-(rows * (param.numel() // max(param.shape[0], 1))) // 256)
+    out = dict(entry)
     for key, t in entry.items():
         if "absmax" in key:
             padded = torch.zeros(most, dtype=t.dtype)
             padded[: t.numel()] = t
             out[key] = DTensor.from_local(
-                padded, mesh, [Shard(0)], run_check=False, shape=(most * mesh.size(),), stride=(1,)
+                padded, mesh, param.placements, run_check=False, shape=(most * shards,), stride=(1,)
             )
     return out
 

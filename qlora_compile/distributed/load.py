@@ -87,19 +87,23 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _row_range(t: torch.Tensor) -> tuple[int | None, int | None]:
-    """This rank's rows [start, stop) of a dim-0-sharded DTensor (torch.chunk's split); (None, None)
-    for a tensor every rank holds whole."""
+    """This rank's rows [start, stop) of a dim-0-sharded DTensor (torch.chunk's split over the
+    mesh dimension that shards it; any other dimension replicates); (None, None) for a tensor
+    this rank holds whole."""
     if not hasattr(t, "device_mesh"):
         return None, None
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
 
-    if [type(p) for p in t.placements] != [Shard] or t.placements[0].dim != 0:
-        raise UnsupportedError(
-            f"placements {t.placements}: only FSDP2's Shard(0) on a 1-D mesh is read by rows"
-        )
+    dims = [i for i, p in enumerate(t.placements) if isinstance(p, Shard)]
+    if any(not isinstance(p, (Shard, Replicate)) for p in t.placements) or len(dims) > 1:
+        raise UnsupportedError(f"placements {t.placements}: only one Shard(0) (FSDP2, HSDP) is read by rows")
+    if not dims or t.device_mesh.size(dims[0]) == 1:
+        return None, None
+    if t.placements[dims[0]].dim != 0:
+        raise UnsupportedError(f"placements {t.placements}: only dim-0 shards are read by rows")
     mesh, n = t.device_mesh, t.shape[0]
-    per = -(-n // mesh.size())
-    start = min(mesh.get_local_rank() * per, n)
+    per = -(-n // mesh.size(dims[0]))
+    start = min(mesh.get_local_rank(dims[0]) * per, n)
     stop = min(start + per, n)
     assert stop - start == _local(t).shape[0], (t.shape, start, stop, _local(t).shape)
     return start, stop

@@ -60,7 +60,8 @@ def shard(
 
     Args:
         model: the model, as `compile(..., distributed=True)` returned it, before its first forward.
-        mesh: a 1-D `DeviceMesh`; None: all ranks of the default process group.
+        mesh: a `DeviceMesh`; None: all ranks of the default process group. A 2-D mesh
+            (replicate, shard) gives FSDP2's HSDP (`replicate` builds one).
         mixed_precision: a `torch.distributed.fsdp.MixedPrecisionPolicy` (None: parameters
             computed in their own dtypes, as one process does). Integer (4-bit) storage is never cast.
         cpu_offload: keep the sharded parameters (and gradients) in host memory
@@ -101,6 +102,22 @@ def shard(
     handle.report().compiled_blocks = pipeline.compile_model(model, handle.backend, "layers")
     handle.backend = None
     return model
+
+
+def replicate(model: nn.Module, *, mixed_precision=None, cpu_offload: bool = False) -> nn.Module:
+    """DDP's layout on FSDP2: every rank holds the whole 4-bit base and LoRA, and LoRA gradients
+    are averaged over ranks (all-reduce). `shard` over a 2-D mesh (world, 1): replicated over
+    its first dimension, "sharded" over a group of one rank (FSDP2's HSDP with no sharding).
+    For models whose 4-bit weights fit on each device: no all-gather of the base per block.
+    Arguments and errors as `shard`'s."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _check_shardable(model)
+    backend = dist.get_backend()
+    device_type = "cpu" if backend == "gloo" else torch.accelerator.current_accelerator().type
+    mesh = init_device_mesh(device_type, (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
+    return shard(model, mesh, mixed_precision=mixed_precision, cpu_offload=cpu_offload)
 
 
 def _check_shardable(model: nn.Module):

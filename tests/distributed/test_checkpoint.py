@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tests.distributed import launch, workers
 from tests.distributed.conftest import SAVE_AT, STEPS
 
-RUNS = ("adamw32", "paged8")  # "folder" trains as adamw32 does, from a folder loaded by rows
+RUNS = ("adamw32", "paged8", "replicated")  # "folder" trains as adamw32 does, from a folder loaded by rows
 
 
 @pytest.fixture(scope="module")

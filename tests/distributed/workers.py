@@ -23,6 +23,7 @@ BATCH, SEQ = 4, 16
 RUNS = {
     "adamw32": ({"intermediate_size": 65}, {}),
     "folder": ({"intermediate_size": 65}, {}),
+    "replicated": ({"intermediate_size": 65}, {}),  # distributed.replicate: DDP's layout
     "paged8": (
         {"hidden_size": 128, "intermediate_size": 128, "num_key_value_heads": 4},
         {"r": 64, "optim_bits": 8, "paged": True, "device_budget": 2**16, "max_grad_norm": 0.2},
@@ -124,7 +125,7 @@ def train(
     results = {}
     for run in runs:
         model = new_model(True, run, out)
-        distributed.shard(model)
+        _distribute(run)(model)
         before = distributed.storage_bytes(model)
         save = (save_at, f"{out}/{run}") if save_at else (None, None)
         result = _train(model, steps, lambda batch: rank_slice(batch, rank, world), save=save)
@@ -148,7 +149,7 @@ def resume(rank: int, world: int, steps: int, out, runs: tuple[str, ...]) -> dic
     results = {}
     for run in runs:
         model = new_model(True, run, out)
-        distributed.shard(model)
+        _distribute(run)(model)
         torch.manual_seed(1234 + rank)  # another RNG state than the saved one: the load must restore it
         start = model.qlora.load_checkpoint(f"{out}/{run}")
         draws = torch.rand(4)
@@ -156,3 +157,7 @@ def resume(rank: int, world: int, steps: int, out, runs: tuple[str, ...]) -> dic
         result.update(start=start, draws=draws, lora=distributed.gathered_lora(model))
         results[run] = result
     return results
+
+
+def _distribute(run: str):
+    return distributed.replicate if run == "replicated" else distributed.shard
