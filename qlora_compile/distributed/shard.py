@@ -77,7 +77,7 @@ def shard(
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    handle = _check_shardable(model)
+    handle = _check_shardable(model, cpu_offload)
     blocks = pipeline.repeated_blocks(model)
     if not blocks:
         raise UnsupportedError(
@@ -113,14 +113,14 @@ def replicate(model: nn.Module, *, mixed_precision=None, cpu_offload: bool = Fal
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    _check_shardable(model)
+    _check_shardable(model, cpu_offload)
     backend = dist.get_backend()
     device_type = "cpu" if backend == "gloo" else torch.accelerator.current_accelerator().type
     mesh = init_device_mesh(device_type, (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
     return shard(model, mesh, mixed_precision=mixed_precision, cpu_offload=cpu_offload)
 
 
-def _check_shardable(model: nn.Module):
+def _check_shardable(model: nn.Module, cpu_offload: bool = False):
     import torch.distributed as dist
 
     handle = getattr(model, "qlora", None)
@@ -141,6 +141,11 @@ def _check_shardable(model: nn.Module):
         raise UnsupportedError(
             "step_in_backward with shard(): FSDP2 hands each rank its gradient shard after the "
             "reduce-scatter, not through accumulation hooks; step with model.qlora.step()"
+        )
+    if cpu_offload and not torch.accelerator.is_available():
+        raise UnsupportedError(
+            "cpu_offload=True without an accelerator: the parameters are in host memory already "
+            "(FSDP2 would pin host memory for copies to a device there is none of)"
         )
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidArgumentError(

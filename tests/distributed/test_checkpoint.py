@@ -24,7 +24,7 @@ def resumed(sharded_out, sharded):
 
 @pytest.mark.parametrize("run", RUNS)
 def test_resume_is_bit_identical(sharded_out, sharded, resumed, run):
-    runs = tuple(workers.RUNS)
+    runs = tuple(workers.RUNS)  # every run of the shared launch saved a checkpoint and an adapter
     names = [
         "bnb4",
         "dense",

@@ -24,6 +24,7 @@ RUNS = {
     "adamw32": ({"intermediate_size": 65}, {}),
     "folder": ({"intermediate_size": 65}, {}),
     "replicated": ({"intermediate_size": 65}, {}),  # distributed.replicate: DDP's layout
+    "bf16": ({"intermediate_size": 65}, {"compute_dtype": torch.bfloat16}),  # shard(mixed_precision=bf16)
     "paged8": (
         {"hidden_size": 128, "intermediate_size": 128, "num_key_value_heads": 4},
         {"r": 64, "optim_bits": 8, "paged": True, "device_budget": 2**16, "max_grad_norm": 0.2},
@@ -160,4 +161,10 @@ def resume(rank: int, world: int, steps: int, out, runs: tuple[str, ...]) -> dic
 
 
 def _distribute(run: str):
+    if run == "bf16":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return lambda model: distributed.shard(
+            model, mixed_precision=MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+        )
     return distributed.replicate if run == "replicated" else distributed.shard
