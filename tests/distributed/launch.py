@@ -36,17 +36,18 @@ def _rank_main(fn, rank: int, world: int, port: int, out: str, kwargs: dict) -> 
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
         result = fn(rank, world, **kwargs)
+        torch.save(result, Path(out) / f"{rank}.pt")
         dist.barrier()
         dist.destroy_process_group()
-        torch.save(result, Path(out) / f"{rank}.pt")
     except BaseException:
         (Path(out) / f"{rank}.err").write_text(traceback.format_exc())
         raise
 
 
-def run_ranks(fn, world: int, *, timeout: float = 120, **kwargs) -> list:
+def run_ranks(fn, world: int, *, timeout: float = 120, failing: bool = False, **kwargs) -> list:
     """`fn(rank, world, **kwargs)` on `world` ranks; their results, by rank. `fn` must be a
-    module-level function (spawn pickles it by name)."""
+    module-level function (spawn pickles it by name). `failing`: a launch expected to fail
+    (within the deadline still): [(exit code, traceback or None, result or None)] by rank."""
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out:
         port = _free_port()
@@ -63,13 +64,27 @@ def run_ranks(fn, world: int, *, timeout: float = 120, **kwargs) -> list:
             if p.is_alive():
                 p.kill()
                 p.join()
+        out = Path(out)
+        if failing and not late:
+            return [
+                (p.exitcode, _read(out / f"{r}.err", Path.read_text), _read(out / f"{r}.pt", _load))
+                for r, p in enumerate(procs)
+            ]
         errors = [
-            f"rank {r}:\n{(Path(out) / f'{r}.err').read_text()}"
+            f"rank {r}:\n{(out / f'{r}.err').read_text()}"
             for r in range(world)
-            if (Path(out) / f"{r}.err").exists()
+            if (out / f"{r}.err").exists()
         ]
         assert not errors, "\n".join(errors)
         assert not late, f"ranks {late} still running after {timeout} s (killed)"
         codes = [p.exitcode for p in procs]
         assert codes == [0] * world, f"exit codes {codes}"
-        return [torch.load(Path(out) / f"{rank}.pt", weights_only=False) for rank in range(world)]
+        return [_load(out / f"{rank}.pt") for rank in range(world)]
+
+
+def _load(path: Path):
+    return torch.load(path, weights_only=False)
+
+
+def _read(path: Path, read):
+    return read(path) if path.exists() else None

@@ -11,7 +11,7 @@ import torch
 
 from qlora_compile import distributed
 from qlora_compile.errors import InvalidArgumentError, UnsupportedError
-from tests.distributed import workers
+from tests.distributed import launch, workers
 from tests.distributed.conftest import STEPS
 
 RUNS = tuple(r for r in workers.RUNS if r != "bf16")  # runs that must equal one process's
@@ -132,3 +132,11 @@ def test_shard_refuses_what_it_cannot_shard():
         distributed.shard(workers.new_model(True))
     with pytest.raises(UnsupportedError, match="cpu_offload"):
         distributed.shard(workers.new_model(True), cpu_offload=True)
+
+
+def test_a_dead_rank_fails_the_others_instead_of_hanging():
+    (code0, error0, raised), (code1, _, _) = launch.run_ranks(workers.die, world=2, timeout=120, failing=True)
+    assert code1 == 3
+    assert raised is not None and ("closed by peer" in raised or "reset by peer" in raised), raised
+    assert float(raised.split(" s:")[0]) < 10  # gloo notices the closed connection, no 60 s timeout
+    assert code0 != 0 and "barrier" in error0  # and the launch fails

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -168,3 +170,22 @@ def _distribute(run: str):
             model, mixed_precision=MixedPrecisionPolicy(param_dtype=torch.bfloat16)
         )
     return distributed.replicate if run == "replicated" else distributed.shard
+
+
+def die(rank: int, world: int) -> str | None:
+    """One step on both ranks, then rank 1 exits (as a killed rank does) and rank 0 steps again:
+    what it raised, and how soon."""
+    model = new_model(True)
+    distributed.shard(model)
+    model.train()
+    batch = rank_slice(batches(1)[0], rank, world)
+    for _ in range(2):
+        start = time.monotonic()
+        try:
+            model(**batch).loss.backward()
+            model.qlora.step()
+        except RuntimeError as e:
+            return f"{time.monotonic() - start:.1f} s: {e}"
+        if rank == 1:
+            os._exit(3)
+    return None
