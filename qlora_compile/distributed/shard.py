@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import pipeline
 from ..errors import InvalidArgumentError, UnsupportedError
+from ..modules import QuantizedLinear
 from . import load
 
 logger = logging.getLogger(__name__)
@@ -162,11 +163,13 @@ def _device(mesh) -> torch.device:
 
 
 def storage_to_parameters(model: nn.Module) -> int:
-    """Turn each 4-bit layer's integer storage buffers (packed bytes, absmax codes) into frozen
+    """Turn each 4-bit linear's integer storage buffers (packed bytes, absmax codes) into frozen
     parameters of the same name, in place, so `fully_shard` shards them along dim 0. Names,
     `state_dict` keys and the forward are unchanged. Returns how many tensors were moved."""
     moved = 0
     for module in model.modules():
+        if not isinstance(module, QuantizedLinear):  # 4-bit experts stay replicated buffers (untested)
+            continue
         for name in _SHARDED_STORAGE:
             t = module._buffers.get(name)
             if t is None or t.is_floating_point() or t.dim() == 0:
