@@ -58,7 +58,7 @@ def test_rank0_adapter_equals_one_process(sharded_out, sharded):
         torch.testing.assert_close(got[key], sharded[0]["adamw32"]["lora"][name], rtol=0, atol=0)
 
 
-def test_a_2_rank_checkpoint_resumes_in_one_process(sharded_out, sharded, caplog):
+def test_a_2_rank_checkpoint_resumes_in_one_process(sharded_out, sharded, caplog, tmp_path):
     """World size 2 -> 1: DCP reshards the LoRA weights and 32-bit states; one process on the
     whole batch continues as the 2 ranks did (within the ulps of test_shard)."""
     model = workers.new_model(False, "adamw32")
@@ -72,3 +72,13 @@ def test_a_2_rank_checkpoint_resumes_in_one_process(sharded_out, sharded, caplog
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.detach(), ranks[0]["lora"][name], rtol=0, atol=1e-5)
+    # and one process saves and loads its own checkpoints (DCP without a process group)
+    model.qlora.save_checkpoint(tmp_path / "one")
+    fresh = workers.new_model(False, "adamw32")
+    assert fresh.qlora.load_checkpoint(tmp_path / "one") == STEPS
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    theirs, ours = fresh.qlora.optimizer.state_dict(), model.qlora.optimizer.state_dict()
+    assert theirs["state"].keys() == ours["state"].keys() and len(ours["state"]) == 28
+    for i, entry in ours["state"].items():
+        assert all(torch.equal(entry[k], theirs["state"][i][k]) for k in entry), i
