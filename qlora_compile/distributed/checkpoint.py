@@ -44,7 +44,7 @@ def save_checkpoint(model: nn.Module, directory: str | Path) -> Path:
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
     _barrier()
-    dcp.save(_state(model, for_load=False), checkpoint_id=str(partial))
+    dcp.save(_state(model, for_load=False), checkpoint_id=str(partial), no_dist=_world_of_one())
     if _rank() == 0:  # dcp.save returns on every rank once the coordinator wrote the metadata
         _replace_folder(partial, directory)
     _barrier()
@@ -67,7 +67,7 @@ def load_checkpoint(model: nn.Module, directory: str | Path) -> int:
     if not (directory / ".metadata").is_file():
         raise MissingFileError(f"no checkpoint in {directory} (DCP's .metadata is missing)")
     meta = {"step": torch.tensor(0), "world_size": torch.tensor(0)}
-    dcp.load({"meta": meta}, checkpoint_id=str(directory))
+    dcp.load({"meta": meta}, checkpoint_id=str(directory), no_dist=_world_of_one())
     same_world = int(meta["world_size"]) == _world()
     state = _state(model, for_load=True, rng=same_world)
     if not same_world and model.qlora.optimizer.optim_bits == 8:
@@ -76,7 +76,7 @@ def load_checkpoint(model: nn.Module, directory: str | Path) -> int:
             f"not {_world()}: their 256-element blocks run along each rank's shard"
         )
     try:
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, checkpoint_id=str(directory), no_dist=_world_of_one())
     except RuntimeError as e:  # DCP reports a key the model has and the checkpoint lacks this way
         raise InvalidFolderError(f"{directory} does not fit this model: {e}") from e
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
@@ -172,3 +172,8 @@ def _world() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _world_of_one() -> bool:
+    """No process group: DCP then reads and writes in this process alone (said, not guessed)."""
+    return not (dist.is_available() and dist.is_initialized())
