@@ -349,13 +349,11 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = _whole(layer.lora_A.weight)
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = _whole(layer.lora_B.weight)
     saved = _saved(model)
     for name, module in saved.items():  # the whole state dict, as PEFT's ModulesToSaveWrapper saves it
-        tensors.update(
-            {f"{_PREFIX}{name}.{k}": t.detach().contiguous().cpu() for k, t in module.state_dict().items()}
-        )
+        tensors.update({f"{_PREFIX}{name}.{k}": _whole(t) for k, t in module.state_dict().items()})
     scale = _scale_config(layers)
     config = {
         "peft_type": "LORA",
@@ -376,11 +374,19 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "use_dora": False,
     }
     _add_expert_adapters(model, tensors, config)
+    if getattr(getattr(model, "qlora", None), "mesh", None) is not None and torch.distributed.get_rank() != 0:
+        return directory  # sharded (qlora_compile.distributed): every rank gathered, rank 0 writes
     # every tensor is in memory: safetensors' own writer (no copy since 0.8, see `SafetensorsStream`)
     with atomic_files(directory, "adapter") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return directory
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `t`, gathered whole if it is a sharded DTensor (a collective: every rank calls it)."""
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).contiguous().cpu()
 
 
 def _saved(model: nn.Module) -> dict[str, nn.Module]:

@@ -239,7 +239,9 @@ def _from_bnb(tensors: dict[str, torch.Tensor], key: str) -> QuantizedWeight:
     if "nested_offset" not in state:
         return replace(qw, absmax=absmax.float())
     nested = need(f"{key}.nested_absmax").float()
-    offset = torch.tensor(state["nested_offset"], dtype=torch.float32, device=absmax.device)
+    offset = torch.tensor(
+        state["nested_offset"], dtype=torch.float32, device=nested.device
+    )  # real on meta loads
     if absmax.dtype != torch.uint8 or nested.numel() != -(-absmax.numel() // NESTED_BLOCKSIZE):
         raise InvalidFolderError(f"{key}: nested statistics do not match {absmax.numel()} blocks")
     return replace(qw, nested_absmax=nested, offset=offset)

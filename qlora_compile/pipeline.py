@@ -435,6 +435,9 @@ class QLoRAHandle:
         self._report = report
         self._optimizer: torch.optim.Optimizer | None = None
         self._hooks = None
+        self.backend = None  # compile(distributed=True): what `distributed.shard` compiles the blocks with
+        self.mesh = None  # the device mesh `distributed.shard` sharded the model over
+        self.bytes_read: dict[str, int] = {}  # shard() of a model built on meta: bytes each rank read
         if config.step_in_backward:
             self.optimizer  # noqa: B018 (registers the hooks before the first backward)
 
@@ -492,7 +495,8 @@ class QLoRAHandle:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        # sharded (FSDP2) gradients are DTensors: their norm is the global one, replicated
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def report(self) -> Report:
         """What compile did, with the trainable parameters counted as the model has them now."""
@@ -504,17 +508,38 @@ class QLoRAHandle:
         return r
 
     def save_adapter(self, directory: str | Path) -> Path:
+        """PEFT's format. Sharded: every rank must call it (the weights are gathered), rank 0 writes."""
         from .adapters import save_adapter
 
-        return save_adapter(self._model, directory)
+        path = save_adapter(self._model, directory)
+        if self.mesh is not None:
+            torch.distributed.barrier()  # the other ranks return once rank 0 has written
+        return path
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """The training state (trainable parameters, optimizer states and step, RNG) through
+        `torch.distributed.checkpoint`, on every rank (`qlora_compile.distributed.save_checkpoint`)."""
+        from .distributed import save_checkpoint
+
+        return save_checkpoint(self._model, directory)
+
+    def load_checkpoint(self, directory: str | Path) -> int:
+        """Restore `save_checkpoint`'s folder on every rank; returns the optimizer step saved."""
+        from .distributed import load_checkpoint
+
+        return load_checkpoint(self._model, directory)
 
 
-def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) -> nn.Module:  # noqa: A001
+def compile(  # noqa: A001
+    model: nn.Module, config: QLoRAConfig | None = None, *, distributed: bool = False, **overrides
+) -> nn.Module:
     """Make `model` QLoRA-trainable and compiled, in place; returns the same object.
 
     Args:
         model: any nn.Module; Hugging Face models keep `generate()` and Trainer support.
         config: a QLoRAConfig (default: the paper's settings).
+        distributed: prepare the model (4-bit storage, LoRA) but leave torch.compile to
+            `qlora_compile.distributed.shard`, which compiles each block after `fully_shard`.
         **overrides: QLoRAConfig fields to change, e.g. `r=16, backend="aot_eager"`.
 
     Raises:
@@ -542,11 +567,20 @@ def compile(model: nn.Module, config: QLoRAConfig | None = None, **overrides) ->
         raise InvalidArgumentError(f"no eligible linear layer to quantize ({reasons})")
     model.qlora = QLoRAHandle(model, config, report, saved)
     _warn_backend_bugs(model, config.backend)
-    report.compiled_blocks = compile_model(
-        model, make_backend(config, report), config.compile_scope, dynamic=config.dynamic
-    )
-    report.fused_loss = fused_loss_applies(model, config) and fuse_causal_lm_loss(model)
+    backend = make_backend(config, report)
+    if distributed:  # compiled after sharding: Dynamo breaks the graph at FSDP's hooks otherwise
+        model.qlora.backend = backend
+        return model
+    compile_prepared(model, backend)
     return model
+
+
+def compile_prepared(model: nn.Module, backend) -> None:
+    """The torch.compile half of `compile()` on a model whose `qlora` handle exists: its blocks or
+    the whole model, then the fused head and loss where they apply."""
+    config, report = model.qlora.config, model.qlora._report
+    report.compiled_blocks = compile_model(model, backend, config.compile_scope, dynamic=config.dynamic)
+    report.fused_loss = fused_loss_applies(model, config) and fuse_causal_lm_loss(model)
 
 
 def fused_loss_applies(model: nn.Module, config: QLoRAConfig) -> bool:

@@ -14,6 +14,7 @@ import os
 import torch
 from torch import nn
 
+from ..errors import UnsupportedError
 from ..experts import QuantizedExperts, install
 from ..format import QuantizedWeight
 from ..modules import QuantizedLinear
@@ -74,7 +75,9 @@ def load_quantized(
         model_class: the class to build (default: `config.architectures[0]`, else
             `AutoModelForCausalLM`'s class for the config); a transformers Auto class works too.
         dtype: cast the dense (non-quantized) floating tensors to this dtype (default: as stored).
-        device: where the model goes.
+        device: where the model goes. "meta": nothing is read but the 4-bit statistics (quant
+            state, nested absmax); every other tensor is a meta tensor of its stored shape, for
+            `qlora_compile.distributed.shard(model, weights=path)` to read each rank's rows.
 
     Returns:
         The model in eval mode; each quantized linear is a `QuantizedLinear` whose buffers hold the
@@ -93,11 +96,17 @@ def load_quantized(
     cls = model_class or skeleton.model_class(config)
     model = skeleton.skeleton(config, cls, real_buffers=True)
     rename = renamer(model)
-    tensors = {rename(k): v for k, v in folder.read_all().items()}  # transformers' renamings
+    meta = torch.device(device).type == "meta"
+    stored = folder.read_meta(_statistic) if meta else folder.read_all()
+    tensors = {rename(k): v for k, v in stored.items()}  # transformers' renamings
     tensors = _rename(tensors, model)
+    keys = _rename({rename(k): k for k in stored}, model)  # the model's names -> the folder's
     prefixes = list(folder.bnb_groups(tensors))
     _stack_dense_experts(tensors, model, {f"{p}.weight" for p in prefixes})
     experts = quantized_experts(model, prefixes)
+    if meta and experts:
+        raise UnsupportedError(f"{path}: device='meta' does not load 4-bit experts yet")
+    sources = {}  # device="meta": parameter or buffer name -> the folder's key it will be read from
     compute_dtype = getattr(
         torch, str(quant.get("bnb_4bit_compute_dtype", "bfloat16")).removeprefix("torch.")
     )
@@ -129,6 +138,10 @@ def load_quantized(
         if bias is not None and dtype is not None:
             bias = bias.to(dtype)
         parent, _, child = prefix.rpartition(".")
+        sources[f"{prefix}.weight_packed"] = keys[f"{prefix}.weight"]
+        sources[f"{prefix}.weight_absmax"] = keys[f"{prefix}.weight.absmax"]
+        if bias is not None:
+            sources[f"{prefix}.bias"] = keys[f"{prefix}.bias"]
         layer = QuantizedLinear(
             qw, bias, fan_in_fan_out=not isinstance(module, nn.Linear)
         )  # Conv1D: (in, out)
@@ -138,8 +151,20 @@ def load_quantized(
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if getattr(model, "tie_weights", None) is not None:
         model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    missing += [n for n, b in model.named_buffers() if b is not None and b.device.type == "meta"]
+    stored = set(tensors) | {  # on meta (device="meta"): stored, to be read by rank later
+        f"{n}.{b}"
+        for n, m in model.named_modules()
+        if isinstance(m, (QuantizedLinear, QuantizedExperts))
+        for b in m._buffers
+    }
+    missing = [
+        n for n, p in model.named_parameters() if p.device.type == "meta" and not (meta and n in stored)
+    ]
+    missing += [
+        n
+        for n, b in model.named_buffers()
+        if b is not None and b.device.type == "meta" and not (meta and n in stored)
+    ]
     if missing:
         raise ConversionError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:5])}")
     if result.unexpected_keys:
@@ -149,4 +174,13 @@ def load_quantized(
             cls.__name__,
             ", ".join(result.unexpected_keys[:5]),
         )
-    return model.to(device).eval()
+    if not meta:
+        return model.to(device).eval()
+    sources.update({k: keys[k] for k in tensors if k in keys})
+    model._qlora_meta_sources, model._qlora_meta_folder = sources, str(path)  # read by distributed.shard
+    return model.eval()
+
+
+def _statistic(key: str) -> bool:
+    """A 4-bit entry read even on meta: the quant state (JSON) and nested absmax, a few bytes."""
+    return ".quant_state." in key or key.endswith(".nested_absmax")

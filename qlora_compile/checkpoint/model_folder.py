@@ -14,6 +14,7 @@ import functools
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from ..codes import QUANT_TYPES
 from ..errors import InvalidFolderError
 from ..format import QUANT_STATE
 from .output_folder import INDEX, WEIGHTS
-from .safetensors_file import SafetensorsError, TensorInfo, read_header
+from .safetensors_file import DTYPES, SafetensorsError, TensorInfo, read_header
 
 # what `copy_extras` leaves out: weights (ours and other formats) and their indexes
 _WEIGHT_FILE = re.compile(
@@ -150,6 +151,14 @@ class ModelFolder:
             except SafetensorError as e:
                 raise ConversionError(f"{path}: cannot read ({e})") from None
         return tensors
+
+    def read_meta(self, real: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        """Every tensor as a meta tensor of its shape and dtype (from the headers, nothing read),
+        except those `real(key)` picks, read whole."""
+        return {
+            key: read(info) if real(key) else torch.empty(info.shape, dtype=DTYPES[info.dtype], device="meta")
+            for key, info in self.infos.items()
+        }
 
     def copy_extras(self, dst: Path) -> None:
         """Tokenizer files, generation_config.json and other small files into `dst` (no weights, no

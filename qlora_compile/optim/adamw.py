@@ -18,6 +18,13 @@ paged or not, so paged and unpaged runs are bit-identical. With `device_budget=N
 stays on the parameters' device. With a budget, a `Pager` keeps at most that many bytes there;
 states of tensors under `resident_below` (1e5) elements stay resident while they take at most
 half the budget.
+
+Sharded parameters (FSDP2's DTensors, `qlora_compile.distributed`): each rank keeps states for
+its local shard only and steps it on its local gradient shard; `state_dict` gives the states as
+DTensors placed as their parameters, which `torch.distributed.checkpoint` saves shard by shard.
+Whether a tensor gets 8-bit states depends on its whole size, as in one process; its 256-element
+blocks run along the local shard, so they are one process's blocks when each shard holds a whole
+number of them.
 """
 
 from __future__ import annotations
@@ -31,12 +38,41 @@ from pathlib import Path
 import torch
 
 from .pager import Pager
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None
 from .quant8 import BLOCK, dequantize_blockwise, quantize_blockwise
 
 _STATE_KEYS = {
     32: ("exp_avg", "exp_avg_sq"),
     8: ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_absmax"),
 }
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (under no_grad: the tensor itself, writes reach the parameter);
+    any other tensor as it is."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _placed_like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """`local` (this rank's part of a state shaped as `p`) as a DTensor placed as `p`, if it is one."""
+    if not _is_dtensor(p):
+        return local.view(p.shape)
+    return DTensor.from_local(
+        local.view(_local(p).shape),
+        p.device_mesh,
+        p.placements,
+        run_check=False,
+        shape=p.shape,
+        stride=p.stride(),
+    )
 
 
 def _blocks(n: int) -> int:
@@ -68,7 +104,7 @@ class _ParamState:
 
     @property
     def numel(self) -> int:
-        return self.param.numel()
+        return _local(self.param).numel()
 
 
 def _chunk_nbytes(bits: int, k: int) -> int:
@@ -178,13 +214,13 @@ class PagedAdamW(torch.optim.Optimizer):
         pe = self.page_elements
         records = {}
         for p in params:
-            n = p.numel()
+            n = _local(p).numel()
             chunks = [(s, min(s + pe, n)) for s in range(0, n, pe)]
-            records[p] = _ParamState(p, self._bits(n), chunks)
+            records[p] = _ParamState(p, self._bits(p.numel()), chunks)  # sharded: by its whole size
         resident = list(params)
         if self.device_budget is not None:
             self.pager = Pager(next(iter(devices)), self.device_budget, self.page_dir)
-            small = [p for p in params if p.numel() < self.resident_below]
+            small = [p for p in params if _local(p).numel() < self.resident_below]
             small_bytes = sum(self._nbytes(records[p]) for p in small)
             resident = small if small_bytes <= self.device_budget // 2 else []
             kept = {id(p) for p in resident}
@@ -214,7 +250,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def state_nbytes(self) -> int:
         """Total bytes of optimizer state (all parameters, resident or paged out)."""
-        return sum(state_nbytes_for(p.numel(), self.optim_bits, self.min_8bit_size) for p in self._params())
+        return sum(state_nbytes_for(_local(p).numel(), self._bits(p.numel()), 0) for p in self._params())
 
     # -- chunks --------------------------------------------------------------------------------
     def _chunk(self, rec: _ParamState, i: int) -> torch.Tensor:
@@ -261,8 +297,8 @@ class PagedAdamW(torch.optim.Optimizer):
         self._step_one(self._group_of[id(p)], records[p], None)
 
     def _step_one(self, group: dict, rec: _ParamState, following: _ParamState | None) -> None:
-        p = rec.param
-        grad = p.grad
+        p = _local(rec.param)
+        grad = _local(rec.param.grad)
         if grad.is_sparse:
             raise RuntimeError("PagedAdamW does not support sparse gradients")
         if grad.shape != p.shape:
@@ -329,7 +365,7 @@ class PagedAdamW(torch.optim.Optimizer):
             entry = {"step": torch.tensor(float(rec.step))}
             for key, part in zip(_STATE_KEYS[rec.bits], parts, strict=True):
                 t = torch.cat(part)
-                entry[key] = t.view(p.shape) if "absmax" not in key else t
+                entry[key] = _placed_like(p, t) if "absmax" not in key else t
             state[index] = entry
         groups, index = [], 0
         for group in self.param_groups:
@@ -339,6 +375,21 @@ class PagedAdamW(torch.optim.Optimizer):
             groups.append(g)
         groups[0]["qlora_optim"] = {"optim_bits": self.optim_bits, "min_8bit_size": self.min_8bit_size}
         return {"state": state, "param_groups": groups}
+
+    def empty_state_dict(self) -> dict:
+        """`state_dict`'s layout with zeros, every parameter included (stepped or not): what a
+        loader that fills tensors in place (`torch.distributed.checkpoint.load`) loads into."""
+        state = {}
+        for index, (p, rec) in enumerate(self._layout().items()):
+            entry = {"step": torch.tensor(0.0)}
+            for key in _STATE_KEYS[rec.bits]:
+                if "absmax" in key:
+                    entry[key] = torch.zeros(_blocks(rec.numel), dtype=torch.float32)
+                else:
+                    dtype = torch.float32 if rec.bits == 32 else torch.uint8
+                    entry[key] = _placed_like(p, torch.zeros(rec.numel, dtype=dtype))
+            state[index] = entry
+        return {"state": state, "param_groups": self.state_dict()["param_groups"]}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -374,7 +425,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 missing = [k for k in keys if k not in entry]
                 if missing:
                     raise ValueError(f"state of parameter {index} lacks {missing} (has {sorted(entry)})")
-                full = [entry[k].reshape(-1) for k in keys]
+                full = [_local(entry[k]).reshape(-1) for k in keys]
                 if full[0].numel() != rec.numel:
                     raise ValueError(
                         f"state of parameter {index} has {full[0].numel()} elements, the parameter {rec.numel}"
