@@ -12,8 +12,10 @@ import qlora_compile
 from qlora_compile import distributed
 from tests.models import save_tiny, tiny_model
 
-# fp32 end to end and no dropout: the sharded run must reproduce one process's numbers
-SETTINGS = {"backend": "aot_eager", "lora_dropout": 0.0, "compute_dtype": torch.float32, "r": 8, "lr": 1e-3}
+# fp32 end to end and no dropout: the sharded run must reproduce one process's numbers; the head
+# and loss unfused in the one process too (`shard` does not fuse them)
+SETTINGS = {"backend": "aot_eager", "lora_dropout": 0.0, "compute_dtype": torch.float32, "r": 8, "lr": 1e-3,
+            "fused_loss": False}  # fmt: skip
 BATCH, SEQ = 4, 16
 
 # name -> (model overrides, compile overrides). "adamw32": intermediate_size 65, so the MLP's 65
