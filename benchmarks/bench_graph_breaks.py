@@ -39,7 +39,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from qlora_compile import QLoRAConfig
-    from qlora_compile.pipeline import _enable_checkpointing, rewrite_storage
+    from qlora_compile.pipeline import prepare_model
 
     ids = torch.randint(0, 512, (2, 32))
     rows = []
@@ -53,9 +53,8 @@ def main() -> None:
 
             ours = transformers.AutoModelForCausalLM.from_pretrained(folder).train()
             config = QLoRAConfig(r=8, gradient_checkpointing=ckpt, compute_dtype=torch.float32)
-            rewrite_storage(ours, config)
-            if ckpt:
-                _enable_checkpointing(ours)
+            prepare_model(ours, config)  # compile's module changes, checkpointing included
+            ours.disable_input_require_grads()  # as compile_scope="model" does (compile_model)
             rows.append(("qlora-compile (4-bit + LoRA)", ckpt, *explain(ours, ids)))
 
             bnb = transformers.BitsAndBytesConfig(

@@ -571,16 +571,9 @@ def compile(  # noqa: A001
     if distributed:  # compiled after sharding: Dynamo breaks the graph at FSDP's hooks otherwise
         model.qlora.backend = backend
         return model
-    compile_prepared(model, backend)
-    return model
-
-
-def compile_prepared(model: nn.Module, backend) -> None:
-    """The torch.compile half of `compile()` on a model whose `qlora` handle exists: its blocks or
-    the whole model, then the fused head and loss where they apply."""
-    config, report = model.qlora.config, model.qlora._report
     report.compiled_blocks = compile_model(model, backend, config.compile_scope, dynamic=config.dynamic)
     report.fused_loss = fused_loss_applies(model, config) and fuse_causal_lm_loss(model)
+    return model
 
 
 def fused_loss_applies(model: nn.Module, config: QLoRAConfig) -> bool:
@@ -602,18 +595,21 @@ def compile_model(model: nn.Module, backend, scope: str, dynamic: bool | None = 
     `qlora_compile.inspect` traces through this too.
     """
     blocks = repeated_blocks(model) if scope == "layers" else []
+    # transformers' input-requires-grad hook (gradient_checkpointing_enable turns it on, as PEFT's
+    # prepare_model_for_kbit_training does): with the whole model compiled it stays off, Dynamo
+    # would break the graph at it. With the blocks compiled it is on: the first block's input
+    # would need no gradient (the embeddings are frozen) and every other block's would, two
+    # compiled variants of one block; the hook makes one serve all, for the first block's input
+    # gradient. It runs outside the compiled blocks.
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+        if blocks:
+            model.enable_input_require_grads()
     if not blocks:
         _compile_forward(model, backend, dynamic)
         return 0
     compile_blocks(blocks, backend, dynamic)
     no_cache_by_default(model)
-    # The first block's input would need no gradient (the embeddings are frozen) and every other
-    # block's would: two compiled variants of one block. transformers' own hook (which PEFT's
-    # prepare_model_for_kbit_training turns on too) makes the embeddings' output need one, so one
-    # variant serves all; it costs the first block's input gradient. With the whole model compiled
-    # it stays off: Dynamo would break the graph at the hook.
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
     return len(blocks)
 
 
@@ -652,18 +648,12 @@ def _warn_backend_bugs(model: nn.Module, backend: str) -> None:
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
-    """Hugging Face's own non-reentrant checkpointing, without its input-requires-grad hook.
-
-    transformers hooks the input embeddings to call `output.requires_grad_(True)`, which only
-    reentrant checkpointing needs; on a frozen embedding Dynamo breaks the graph there. The
-    non-reentrant checkpoint propagates gradients to the LoRA weights inside it without that.
-    The KV cache is turned off for training forwards (as QLoRA's scripts do).
-    """
+    """Hugging Face's own non-reentrant checkpointing (its input-requires-grad hook is
+    `compile_model`'s to keep or remove), the KV cache off for training forwards (as QLoRA's
+    scripts do)."""
     with warnings.catch_warnings():  # transformers' own rename notice, nothing the user can act on
         warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
     # Training forwards would warn "use_cache=True is incompatible with gradient checkpointing"
     # through a logger, which Dynamo cannot trace: it falls back to eager for the whole forward.
     no_cache_by_default(model)
