@@ -4,6 +4,7 @@ its slice), checkpoints after step 2 (or resumes from CHECKPOINT if it exists), 
 and writes each rank's losses to OUT/<rank>.json."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,3 +40,10 @@ model.qlora.save_adapter(adapter)
 Path(out, f"{rank}.json").write_text(json.dumps(losses))
 dist.barrier()
 dist.destroy_process_group()
+# Leave without C++ teardown. Once, in a loaded suite run, a rank died by SIGABRT with
+# "terminate called without an active exception" and no Python traceback: the message of a C++
+# thread destroyed while joinable, as at teardown. The results are written and the process group
+# is gone here, so skipping destructors loses nothing.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
