@@ -30,6 +30,10 @@ class QLoRAConfig:
         lora_alpha: LoRA scaling numerator; the branch is scaled by lora_alpha / r.
         use_rslora: rank-stabilized LoRA: scale by lora_alpha / sqrt(r) instead (PEFT's rule).
         lora_dropout: dropout on the LoRA branch's input.
+        lora_compute_dtype: dtype of the LoRA branch's two products: its input and the adapters
+            are cast to it, as `torch.autocast` does to PEFT's layers under Trainer(bf16=True);
+            the adapters, their gradients and the optimizer states stay fp32 (the master copy).
+            None (default): the adapters' dtype, fp32, as PEFT computes without autocast.
         target_modules: "all-linear" (every nn.Linear and transformers Conv1D except the output
             head), a list of module names (the last component, as "q_proj", or a full path), or a
             `filter_fn(module, fqn) -> bool`. "all-linear" also quantizes the 3-D expert weights of
@@ -84,6 +88,7 @@ class QLoRAConfig:
     r: int = 64
     lora_alpha: float = 16
     lora_dropout: float = 0.05
+    lora_compute_dtype: torch.dtype | None = None
     use_rslora: bool = False
     target_modules: str | Sequence[str] | FilterFn = "all-linear"
     target_parameters: Sequence[str] = ()
@@ -106,6 +111,7 @@ class QLoRAConfig:
         _one_of("quant_type", self.quant_type, QUANT_TYPES)
         _one_of("blocksize", self.blocksize, BLOCKSIZES)
         _one_of("compute_dtype", self.compute_dtype, tuple(FLOAT_DTYPES.values()))
+        _one_of("lora_compute_dtype", self.lora_compute_dtype, (None, *FLOAT_DTYPES.values()))
         _one_of("optim_bits", self.optim_bits, (32, 8))
         _one_of("backend", self.backend, _BACKENDS)
         _one_of("compile_scope", self.compile_scope, _SCOPES)
@@ -165,6 +171,7 @@ class QLoRAConfig:
             lora_dropout=self.lora_dropout,
             use_rslora=self.use_rslora,
             compute_dtype=self.compute_dtype,
+            lora_compute_dtype=self.lora_compute_dtype,
         )
 
     def with_overrides(self, **overrides) -> QLoRAConfig:

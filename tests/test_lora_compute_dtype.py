@@ -1,0 +1,86 @@
+"""`lora_compute_dtype`: the LoRA products in bf16 over fp32 master adapters, as `torch.autocast`
+computes PEFT's layers under Trainer(bf16=True)."""
+
+import pytest
+import torch
+
+import qlora_compile
+from qlora_compile import LoRALinear, QLoRALinear
+from tests.models import tiny_model
+
+BF16 = torch.bfloat16
+
+
+def _layers(lora_compute_dtype):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 96, bias=True)
+    kwargs = dict(r=8, lora_alpha=16, lora_dropout=0.0, lora_compute_dtype=lora_compute_dtype)
+    layers = [
+        QLoRALinear.from_dense(dense.weight, dense.bias, compute_dtype=BF16, **kwargs),
+        LoRALinear(torch.nn.Linear(128, 96), **kwargs),  # a dense fp32 base, as T5's `wo` stays
+    ]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    return layers
+
+
+def _run(layer, x):
+    """Output and the adapters' gradients of a loss linear in the output (its gradient does not
+    depend on the output, only the backward through the branch does)."""
+    layer.zero_grad()
+    out = layer(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out.float() * weights).sum().backward()
+    return out, layer.lora_A.weight.grad, layer.lora_B.weight.grad
+
+
+def test_layer_equals_the_fp32_layer_under_autocast():
+    """bf16 products, fp32 adapters and gradients: what autocast makes of the fp32 branch."""
+    x = torch.randn(3, 5, 128)
+    for ours, reference in zip(_layers(BF16), _layers(None), strict=True):
+        out, *grads = _run(ours, x)
+        with torch.autocast("cpu", dtype=BF16):
+            want_out, *want_grads = _run(reference, x)
+        assert ours.lora_A.weight.dtype == torch.float32
+        for g, w in zip(grads, want_grads, strict=True):
+            assert g.dtype == w.dtype == torch.float32 and torch.equal(g, w)
+        if isinstance(ours, QLoRALinear):  # autocast leaves our 4-bit op alone, not a dense base
+            assert torch.equal(out, want_out)
+        # and the products really are bf16: the fp32 branch (no autocast) differs
+        assert not torch.equal(_run(reference, x)[1], grads[0])
+
+
+def test_config_checks_the_dtype():
+    with pytest.raises(ValueError, match="lora_compute_dtype"):
+        qlora_compile.QLoRAConfig(lora_compute_dtype=torch.int8)
+
+
+@pytest.mark.slow
+def test_compiled_bf16_lora_matches_eager_on_changing_shapes():
+    """The default compile (Inductor, compiled layers) with bf16 LoRA products: our passes still
+    fuse every layer, and loss and gradients equal the uncompiled forward's within bf16 rounding,
+    on two sequence lengths."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=1)
+    qlora_compile.compile(model, r=8, lora_dropout=0.0, lora_compute_dtype=BF16, compute_dtype=BF16)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for p in params.values():  # a non-zero branch, so the LoRA products matter
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    for seq in (12, 17):
+        ids = torch.randint(0, 128, (2, seq))
+        results = []
+        for stance in ("default", "force_eager"):
+            model.zero_grad()
+            with torch.compiler.set_stance(stance):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in params.items()}))
+        (loss, grads), (want_loss, want_grads) = results
+        assert abs(loss - want_loss) <= 1e-2 * want_loss
+        for name, grad in want_grads.items():
+            assert grads[name].dtype == torch.float32
+            assert (grads[name] - grad).norm() <= 3e-2 * grad.norm(), name
+    report = model.qlora.report()
+    # the first shape compiles static, the second symbolic: two layer graphs, all 7 linears fused in each
+    assert report.graphs == 2 and report.passes["fuse_lora"] == 14 and report.compiled_blocks == 1
