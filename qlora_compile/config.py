@@ -49,6 +49,11 @@ class QLoRAConfig:
             it: "classifier" / "score" for *ForSequenceClassification and *ForTokenClassification,
             "qa_outputs" for *ForQuestionAnswering; nothing for other models. () for none.
             A name that matches no module raises ValueError at compile, naming the closest ones.
+        fp32_residual: norms in fp32 make the residual stream fp32, and the output head and other
+            dense layers go to fp32 with it, as PEFT's prepare_model_for_kbit_training does
+            (default). False: the norms keep fp32 weights and compute in fp32 but return their
+            input's dtype, so the activations between layers stay in the model's dtype (bf16)
+            and the head stays in it too (the loss still reduces in fp32).
         gradient_checkpointing: turn on the model's own (Hugging Face, non-reentrant) checkpointing.
         lr, weight_decay: settings of `model.qlora.optimizer` (a `qlora_compile.optim.PagedAdamW`).
         max_grad_norm: `model.qlora.step()` clips gradients to this global norm; None: no clipping.
@@ -93,6 +98,7 @@ class QLoRAConfig:
     target_modules: str | Sequence[str] | FilterFn = "all-linear"
     target_parameters: Sequence[str] = ()
     modules_to_save: Sequence[str] | None = None
+    fp32_residual: bool = True
     gradient_checkpointing: bool = True
     lr: float = 2e-4
     weight_decay: float = 0.0

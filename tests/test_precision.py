@@ -1,5 +1,6 @@
-"""`lora_compute_dtype`: the LoRA products in bf16 over fp32 master adapters, as `torch.autocast`
-computes PEFT's layers under Trainer(bf16=True)."""
+"""Precision policies of compile(): `lora_compute_dtype` (the LoRA products in bf16 over fp32 master
+adapters, as `torch.autocast` computes PEFT's layers under Trainer(bf16=True)) and `fp32_residual`
+(False: fp32 norms that return bf16, so the residual stream stays bf16)."""
 
 import pytest
 import torch
@@ -56,13 +57,13 @@ def test_config_checks_the_dtype():
 
 
 @pytest.mark.slow
-def test_compiled_bf16_lora_matches_eager_on_changing_shapes():
-    """The default compile (Inductor, compiled layers) with bf16 LoRA products: our passes still
-    fuse every layer, and loss and gradients equal the uncompiled forward's within bf16 rounding,
-    on two sequence lengths."""
+def test_compiled_bf16_policies_match_eager_on_changing_shapes():
+    """The default compile (Inductor, compiled layers, fused loss) of a bf16 model with bf16 LoRA
+    products and a bf16 residual stream: our passes still fuse every layer, and loss and
+    gradients equal the uncompiled forward's within bf16 rounding, on two sequence lengths."""
     torch.manual_seed(0)
-    model = tiny_model("llama", num_hidden_layers=1)
-    qlora_compile.compile(model, r=8, lora_dropout=0.0, lora_compute_dtype=BF16, compute_dtype=BF16)
+    model = tiny_model("llama", num_hidden_layers=1).to(BF16)
+    qlora_compile.compile(model, r=8, lora_dropout=0.0, lora_compute_dtype=BF16, fp32_residual=False)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for p in params.values():  # a non-zero branch, so the LoRA products matter
         if p.abs().sum() == 0:
@@ -84,3 +85,38 @@ def test_compiled_bf16_lora_matches_eager_on_changing_shapes():
     report = model.qlora.report()
     # the first shape compiles static, the second symbolic: two layer graphs, all 7 linears fused in each
     assert report.graphs == 2 and report.passes["fuse_lora"] == 14 and report.compiled_blocks == 1
+
+
+def _layer_outputs(model, ids):
+    """The dtype of each decoder layer's output and the loss (no gradients)."""
+    dtypes = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: dtypes.append(out[0].dtype if isinstance(out, tuple) else out.dtype))
+             for layer in model.model.layers]  # fmt: skip
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    for hook in hooks:
+        hook.remove()
+    return dtypes, loss
+
+
+def test_bf16_residual_stream_keeps_activations_bf16_and_the_loss():
+    """fp32_residual=False: fp32 norm weights and arithmetic, bf16 between layers and in the head;
+    each norm's output is exactly the fp32 policy's output rounded to bf16, and the loss stays
+    within bf16 rounding of the fp32 policy's."""
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for fp32_residual in (True, False):
+        torch.manual_seed(0)
+        model = tiny_model("llama").to(BF16)
+        qlora_compile.compile(model, backend="aot_eager", r=8, lora_dropout=0.0, fp32_residual=fp32_residual)
+        runs[fp32_residual] = model.eval()
+    fp32, bf16 = runs[True], runs[False]
+    assert bf16.model.norm.weight.dtype == torch.float32 and bf16.lm_head.weight.dtype == BF16
+    assert fp32.lm_head.weight.dtype == torch.float32
+    hidden = torch.randn(2, 12, fp32.config.hidden_size).to(BF16)
+    norm = bf16.model.layers[0].input_layernorm
+    assert norm(hidden).dtype == BF16
+    assert torch.equal(norm(hidden), fp32.model.layers[0].input_layernorm(hidden).to(BF16))
+    (dtypes_fp32, loss_fp32), (dtypes_bf16, loss_bf16) = _layer_outputs(fp32, ids), _layer_outputs(bf16, ids)
+    assert set(dtypes_fp32) == {torch.float32} and set(dtypes_bf16) == {BF16}
+    assert abs(loss_bf16 - loss_fp32) <= 1e-2 * loss_fp32
