@@ -55,6 +55,14 @@ class QLoRAConfig:
             input's dtype, so the activations between layers stay in the model's dtype (bf16)
             and the head stays in it too (the loss still reduces in fp32).
         gradient_checkpointing: turn on the model's own (Hugging Face, non-reentrant) checkpointing.
+        activation_memory_budget: instead of checkpointing whole layers, let AOTAutograd's
+            partitioner choose what each compiled graph saves for backward and what it recomputes
+            (`torch._functorch.config.activation_memory_budget`): the fraction, in [0, 1], of the
+            activations the graph would save without recomputation that it may keep (1: recompute
+            nothing; 0: as little as it can, about what checkpointing keeps). It recomputes the
+            cheap ops first and keeps the matmul outputs. Set, it replaces the model's own
+            checkpointing (gradient_checkpointing is then not applied). Needs backend "inductor"
+            or "aot_eager". None (default): checkpointing as `gradient_checkpointing` says.
         lr, weight_decay: settings of `model.qlora.optimizer` (a `qlora_compile.optim.PagedAdamW`).
         max_grad_norm: `model.qlora.step()` clips gradients to this global norm; None: no clipping.
         paged: page optimizer states out of device memory beyond `device_budget`.
@@ -100,6 +108,7 @@ class QLoRAConfig:
     modules_to_save: Sequence[str] | None = None
     fp32_residual: bool = True
     gradient_checkpointing: bool = True
+    activation_memory_budget: float | None = None
     lr: float = 2e-4
     weight_decay: float = 0.0
     max_grad_norm: float | None = 0.3
@@ -148,6 +157,15 @@ class QLoRAConfig:
                 "clipping (max_grad_norm) is impossible: set clip_per_parameter=True to clip each "
                 "gradient on its own, or max_grad_norm=None"
             )
+        budget = self.activation_memory_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 <= budget <= 1:
+                raise InvalidConfigError(f"activation_memory_budget must be in [0, 1] or None, got {budget!r}")
+            if self.backend == "eager":
+                raise InvalidConfigError(
+                    "activation_memory_budget is applied by AOTAutograd's partitioner: it needs backend "
+                    "'inductor' or 'aot_eager', not 'eager'"
+                )
         if self.weight_decay < 0:
             raise InvalidConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check_target_parameters(self)

@@ -634,7 +634,8 @@ def prepare_model(model: nn.Module, config: QLoRAConfig, quantize: Quantize | No
     report = Report(rewrite_storage(model, config, quantize))
     report.dense_lora = add_dense_lora(model, config, dense)
     _freeze_and_upcast_norms(model, saved, config.fp32_residual)
-    if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+    checkpointing = config.gradient_checkpointing and config.activation_memory_budget is None
+    if checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         _enable_checkpointing(model)
     return report
 

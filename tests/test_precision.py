@@ -59,11 +59,20 @@ def test_config_checks_the_dtype():
 @pytest.mark.slow
 def test_compiled_bf16_policies_match_eager_on_changing_shapes():
     """The default compile (Inductor, compiled layers, fused loss) of a bf16 model with bf16 LoRA
-    products and a bf16 residual stream: our passes still fuse every layer, and loss and
-    gradients equal the uncompiled forward's within bf16 rounding, on two sequence lengths."""
+    products, a bf16 residual stream and recomputation under a memory budget: our passes still
+    fuse every layer, and loss and gradients equal the uncompiled forward's within bf16 rounding,
+    on two sequence lengths."""
     torch.manual_seed(0)
     model = tiny_model("llama", num_hidden_layers=1).to(BF16)
-    qlora_compile.compile(model, r=8, lora_dropout=0.0, lora_compute_dtype=BF16, fp32_residual=False)
+    qlora_compile.compile(
+        model,
+        r=8,
+        lora_dropout=0.0,
+        lora_compute_dtype=BF16,
+        fp32_residual=False,
+        activation_memory_budget=0.5,
+    )
+    assert not model.is_gradient_checkpointing  # the budget replaces it
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for p in params.values():  # a non-zero branch, so the LoRA products matter
         if p.abs().sum() == 0:
@@ -120,3 +129,37 @@ def test_bf16_residual_stream_keeps_activations_bf16_and_the_loss():
     (dtypes_fp32, loss_fp32), (dtypes_bf16, loss_bf16) = _layer_outputs(fp32, ids), _layer_outputs(bf16, ids)
     assert set(dtypes_fp32) == {torch.float32} and set(dtypes_bf16) == {BF16}
     assert abs(loss_bf16 - loss_fp32) <= 1e-2 * loss_fp32
+
+
+def _saved_bytes_and_grads(budget, ids):
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    qlora_compile.compile(
+        model, backend="aot_eager", r=8, lora_dropout=0.0, compute_dtype=torch.float32,
+        activation_memory_budget=budget, gradient_checkpointing=budget is not None,
+    )  # fmt: skip
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return sum(saved), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_activation_memory_budget_recomputes_more_as_it_shrinks():
+    """Under a budget the partitioner keeps fewer bytes for backward (measured by the saved-tensor
+    hooks), within the budget's fraction of what is kept without recomputation, and the gradients
+    are those of the run that recomputes nothing."""
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    full, want = _saved_bytes_and_grads(None, ids)
+    previous = full
+    for budget in (0.8, 0.3):
+        kept, grads = _saved_bytes_and_grads(budget, ids)
+        assert kept < previous and kept <= budget * full, (budget, kept, full)
+        previous = kept
+        for name, grad in want.items():
+            assert (grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
