@@ -2,12 +2,16 @@
 QLoRA vs PEFT 16-bit LoRA, same configuration, one run.
 
     python benchmarks/bench_train.py [--steps 10] [--batch 4] [--seq 512] [--json OUT]
+                                     [--candidates qlora-compile,peft+bnb,...]
 
 Each candidate runs in its own process (so peak RSS is its own): load SmolLM2-135M-Instruct in
 bf16, apply LoRA r=64, alpha=16, dropout 0.05 on all linear layers, gradient checkpointing on,
 AdamW lr 2e-4; 2 warm-up steps (they include torch.compile for ours), then `--steps` timed steps
 on random tokens. Reported: the first step's seconds (Inductor's compile included, for ours),
 median step seconds and the process's peak RSS.
+
+Our precision and recomputation options, one at a time and together, are candidates of their own
+(`--candidates qlora-compile,qlora-compile/lora-bf16,...`, see `OURS`): the per-change gains.
 """
 
 from __future__ import annotations
@@ -22,6 +26,18 @@ import time
 from pathlib import Path
 
 CANDIDATES = ("qlora-compile", "peft+bnb", "peft-16bit")
+# our candidates: compile() overrides on top of the defaults (dtypes by name)
+OURS = {
+    "qlora-compile": {},
+    "qlora-compile/lora-bf16": {"lora_compute_dtype": "bfloat16"},
+    "qlora-compile/bf16-residual": {"fp32_residual": False},
+    "qlora-compile/budget-0.5": {"activation_memory_budget": 0.5},
+    "qlora-compile/all": {
+        "lora_compute_dtype": "bfloat16",
+        "fp32_residual": False,
+        "activation_memory_budget": 0.5,
+    },
+}
 
 
 def run_one(name: str, folder: str, steps: int, batch: int, seq: int, backend: str) -> dict:
@@ -33,11 +49,12 @@ def run_one(name: str, folder: str, steps: int, batch: int, seq: int, backend: s
     logging.disable(logging.WARNING)
     torch.manual_seed(0)
     lora = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05}
-    if name == "qlora-compile":
+    if name in OURS:
         import qlora_compile
 
+        options = {k: getattr(torch, v) if k.endswith("dtype") else v for k, v in OURS[name].items()}
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-        qlora_compile.compile(model, **lora, compute_dtype=torch.bfloat16, backend=backend)
+        qlora_compile.compile(model, **lora, compute_dtype=torch.bfloat16, backend=backend, **options)
         params = model.qlora.trainable_parameters()
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -86,6 +103,8 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", help="our torch.compile backend (default inductor)")
     parser.add_argument("--cache", type=Path, default=Path("bench_out"))
     parser.add_argument("--json", type=Path, default=Path("bench_out/train.json"))
+    parser.add_argument("--candidates", default=",".join(CANDIDATES),
+                        help=f"comma-separated, from {', '.join([*OURS, *CANDIDATES[1:]])}")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one candidate in this process
     args = parser.parse_args()
     if args.one:
@@ -96,7 +115,11 @@ def main() -> None:
 
     folder = assets.smollm2_folder(args.cache)
     rows = []
-    for name in CANDIDATES:
+    names = args.candidates.split(",")
+    unknown = [n for n in names if n not in OURS and n not in CANDIDATES]
+    if unknown:
+        parser.error(f"unknown candidates {unknown}")
+    for name in names:
         cmd = [sys.executable, __file__, "--one", name, "--cache", str(folder), "--steps", str(args.steps),
                "--batch", str(args.batch), "--seq", str(args.seq), "--backend", args.backend]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
