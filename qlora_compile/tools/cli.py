@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -100,6 +101,8 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(arg)
     result = train(load_config(path, overrides), resume=resume, progress=progress)
     r = result.report
+    if not r:  # a rank other than 0 under torchrun: rank 0 reports
+        return result.exit_code
     if result.stopped_by is not None:
         print(f"stopped by {r['stopped_by_signal']} after step {r['steps']}: checkpoint saved in "
               f"{result.output_dir}; continue with --resume latest", file=sys.stderr)  # fmt: skip
@@ -396,6 +399,12 @@ def _split_train(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
+def _rank_note() -> str:
+    """Which process speaks, under torchrun (WORLD_SIZE > 1): each rank prints its own errors."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world != "1" else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, train_args = _split_train(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
@@ -409,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     except QLoRAError as e:  # the user's input: one line (and the traceback with -v)
         if args.verbose:
             traceback.print_exc()
-        print(f"qlora-compile {args.command}: {e}", file=sys.stderr)
+        print(f"qlora-compile {args.command}{_rank_note()}: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001  (a bug or the machine: keep the whole traceback)
         extra = _EXTRAS.get((getattr(e, "name", None) or "").partition(".")[0])
@@ -420,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         traceback.print_exc()
-        print(f"qlora-compile {args.command}: unexpected error (traceback above)", file=sys.stderr)
+        print(
+            f"qlora-compile {args.command}{_rank_note()}: unexpected error (traceback above)", file=sys.stderr
+        )
         return 1
 
 
