@@ -140,7 +140,7 @@ def _plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, r=args.r, optim_bits=args.optim_bits,
         gradient_checkpointing=args.gradient_checkpointing,
         optim_budget=None if args.optim_budget is None else parse_size(args.optim_budget, "--optim-budget"),
-        paged=not args.no_paged, dtype=args.dtype,
+        paged=not args.no_paged, dtype=args.dtype, world_size=args.world_size, cpu_offload=args.cpu_offload,
     )  # fmt: skip
     if args.json:
         import json
@@ -152,6 +152,11 @@ def _plan(args: argparse.Namespace) -> int:
     table = Table(
         title=f"{plan.model}: batch {s['batch_size']} x {s['seq_len']} tokens, r={s['r']}, {s['optim_bits']}-bit "
         f"optimizer{' (paged)' if s['paged'] else ''}, {s['dtype']} weights before compile"
+        + (
+            f"; per rank of {s['world_size']}{' (cpu_offload)' if s['cpu_offload'] else ''}"
+            if s["world_size"] > 1
+            else ""
+        )
     )
     table.add_column("term")
     table.add_column("GiB", justify="right")
@@ -173,7 +178,8 @@ def _plan(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(
         f"persistent (parameters + buffers, exact): {plan.persistent_bytes / 2**30:.2f} GiB; "
-        f"host (paged optimizer states): {plan.host_bytes / 2**30:.2f} GiB; {'; '.join(plan.notes)}"
+        f"host ({'offloaded' if s['cpu_offload'] else 'paged optimizer states'}): {plan.host_bytes / 2**30:.2f} GiB; "
+        f"{'; '.join(plan.notes)}"
     )
     verdict = "fits" if plan.fits else "does NOT fit"
     largest = plan.largest
@@ -380,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="bfloat16",
         help="dense weights' dtype before compile: bfloat16 (default), float16, float32, auto",
     )
+    plan.add_argument(
+        "--world-size", type=int, default=1,
+        help="ranks of a sharded (FSDP2) run: the plan is per rank, --batch-size per rank (default: 1)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--cpu-offload", action="store_true",
+        help="with --world-size: sharded parameters, gradients and optimizer states in host memory",
+    )  # fmt: skip
     plan.set_defaults(run=_plan)
     _add_convert(sub)
     _add_export(sub)

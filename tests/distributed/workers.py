@@ -147,6 +147,7 @@ def _sharded(rank: int, world: int, steps: int, run: str, save_at: int | None, o
         bytes_before=before,
         bytes_after=distributed.storage_bytes(model),
         bytes_read=model.qlora.bytes_read,
+        local_bytes=local_bytes(model),
     )
     return result
 
@@ -158,11 +159,22 @@ def reshard(rank: int, world: int, steps: int, out) -> dict:
     model = new_model(True, "adamw32", out)
     distributed.shard(model)
     result = _train(model, steps, lambda batch: rank_slice(batch, rank, world))
-    result.update(lora=distributed.gathered_lora(model), bytes_held=distributed.storage_bytes(model))
+    result.update(
+        lora=distributed.gathered_lora(model),
+        bytes_held=distributed.storage_bytes(model),
+        local_bytes=local_bytes(model),
+    )
     start = model.qlora.load_checkpoint(f"{out}/adamw32")
     resumed = _train(model, steps, lambda batch: rank_slice(batch, rank, world), start=start)
     resumed.update(start=start, lora=distributed.gathered_lora(model))
     return {"adamw32": result, "resumed": resumed}
+
+
+def local_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """{name: bytes this rank holds} of every parameter (its local shard) and buffer."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    local = {n: t.to_local() if hasattr(t, "to_local") else t for n, t in tensors}
+    return {n: t.numel() * t.element_size() for n, t in local.items()}
 
 
 def continuation(steps: int, checkpoint) -> tuple[torch.nn.Module, dict]:
