@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from ..modules import QuantizedLinear
 from .shard import _SHARDED_STORAGE
 
@@ -63,8 +64,6 @@ def gathered_bytes(model: nn.Module, blocks: list[nn.Module]) -> dict[str, int]:
 
 
 def check_world_size(world_size: int) -> None:
-    from ..errors import InvalidArgumentError
-
     if world_size < 1:
         raise InvalidArgumentError(f"--world-size must be at least 1, got {world_size}")
 

@@ -13,7 +13,7 @@ from qlora_compile import distributed
 from tests.models import save_tiny, tiny_model
 
 # fp32 end to end and no dropout: the sharded run must reproduce one process's numbers; the head
-# and loss unfused in the one process too (`shard` does not fuse them)
+# and loss unfused on both sides but in the "fused" run
 SETTINGS = {"backend": "aot_eager", "lora_dropout": 0.0, "compute_dtype": torch.float32, "r": 8, "lr": 1e-3,
             "fused_loss": False}  # fmt: skip
 BATCH, SEQ = 6, 16  # 6 rows: 3 per rank on 2 ranks, 2 on 3
@@ -29,6 +29,7 @@ RUNS = {
     "folder": ({"intermediate_size": 65}, {}),
     "replicated": ({"intermediate_size": 65}, {}),  # distributed.replicate: DDP's layout
     "bf16": ({"intermediate_size": 65}, {"compute_dtype": torch.bfloat16}),  # shard(mixed_precision=bf16)
+    "fused": ({"intermediate_size": 65}, {"fused_loss": True}),  # the head and loss fused, both sides
     "paged8": (
         {"hidden_size": 128, "intermediate_size": 128, "num_key_value_heads": 4},
         {"r": 64, "optim_bits": 8, "paged": True, "device_budget": 2**16, "max_grad_norm": 0.15},
@@ -99,6 +100,7 @@ def _train(
         "graphs": report.graphs,
         "passes": dict(report.passes),
         "compiled_blocks": report.compiled_blocks,
+        "fused_loss": report.fused_loss,
         "max_grad_norm": model.qlora.config.max_grad_norm,
         "states_8bit": sum(rec.bits == 8 for rec in optimizer._records.values()),
         "page_ins": optimizer.pager.page_ins if optimizer.pager is not None else 0,
