@@ -61,6 +61,7 @@ from . import inspect as _inspect
 from . import pipeline
 from .checkpoint.skeleton import linear_kinds
 from .config import QLoRAConfig
+from .distributed.plan import check_world_size, gathered_bytes, per_rank, rank0_numel
 from .errors import InvalidArgumentError
 from .experts import QuantizedExperts
 from .lora import LoRALayer, QLoRALinear
@@ -95,12 +96,9 @@ def optimizer_state_split(
     }  # fmt: skip
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def persistent_breakdown(model: nn.Module) -> dict[str, int]:
-    """Bytes of the (compiled) model's parameters and buffers by kind; each tensor once."""
+def persistent_breakdown(model: nn.Module, world: int = 1, offload: bool = False) -> dict[str, int]:
+    """Bytes of the (compiled) model's parameters and buffers by kind; each tensor once. On `world`
+    ranks, rank 0's (`distributed.plan.per_rank`; `offload`: device bytes with cpu_offload)."""
     kinds = linear_kinds()
     seen: set[int] = set()
     out = dict.fromkeys(
@@ -126,7 +124,7 @@ def persistent_breakdown(model: nn.Module) -> dict[str, int]:
                 key = "norms (fp32)"
             else:
                 key = "other parameters and buffers"
-            out[key] += tensor_bytes(t)
+            out[key] += per_rank(t, module, name, world, offload)
     return out
 
 
@@ -305,6 +303,8 @@ def plan_memory(
     paged: bool = True,
     dtype: str = "bfloat16",
     lora_dropout: float = 0.05,
+    world_size: int = 1,
+    cpu_offload: bool = False,
 ) -> Plan:
     """Predict the device memory of QLoRA training of the model at `path` (folder or config.json).
 
@@ -315,7 +315,11 @@ def plan_memory(
         gpu_memory: the device's bytes (`qlora_compile.units.parse_size("48GB")`).
         dtype: the dense weights' dtype as loaded before compile ("auto": the config's).
         optim_budget: device bytes for paged optimizer states (None: 10% of the paged states).
+        world_size: ranks of a `distributed.shard`ed run: the plan is rank 0's (`distributed/plan.py`),
+            `batch_size` per rank.
+        cpu_offload: `shard(cpu_offload=True)`: sharded parameters, gradients and states in host memory.
     """
+    check_world_size(world_size)
     if seq_len < 1 or batch_size < 1:
         raise InvalidArgumentError("--seq-len and --batch-size must be at least 1")
     if gpu_memory <= 0:
@@ -326,10 +330,12 @@ def plan_memory(
     weights_dtype = _inspect.resolve_dtype(dtype, hf_config)
     model = _inspect.meta_model(hf_config, weights_dtype)
     rewrites = _inspect.prepare_meta(model, config)
-    persistent = persistent_breakdown(model)
-    numels = [p.numel() for p in model.parameters() if p.requires_grad]
+    persistent = persistent_breakdown(model, world_size, cpu_offload)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    numels = [rank0_numel(p, world_size) for p in trainable]  # this rank's chunks
     lora_bytes = 4 * sum(numels)
     optim = optimizer_state_split(numels, optim_bits, paged, optim_budget)
+    offloaded = sum(persistent_breakdown(model, world_size).values()) - sum(persistent.values())
     acts = activation_bytes(
         model, hf_config, batch_size=batch_size, seq_len=seq_len, r=r, lora_dropout=lora_dropout,
         fused_loss=pipeline.fused_loss_applies(model, config),
@@ -373,12 +379,38 @@ def plan_memory(
             f"{acts['without_checkpointing' if gradient_checkpointing else 'with_checkpointing'] / 2**30:.2f} GiB",
         ),
         Term("dequantize workspace", workspace, "the largest 4-bit weight in the compute dtype"),
+        *_gather_terms(model, world_size),
     ]
+    host = optim["host"]
+    if cpu_offload:  # LoRA gradients and every optimizer state go to the host with the parameters
+        host = offloaded + lora_bytes + optim["total"]
+        terms = [Term(t.name, 0, "in host memory (cpu_offload)") if t.name.startswith(("LoRA", "optimizer")) else t
+                 for t in terms]  # fmt: skip
     return Plan(
         model=str(path), gpu_memory=gpu_memory, terms=[t for t in terms if t.bytes or "4-bit" in t.name],
-        persistent=persistent, optimizer=optim, activations=acts, host_bytes=optim["host"],
+        persistent=persistent, optimizer=optim, activations=acts, host_bytes=host,
         settings={"seq_len": seq_len, "batch_size": batch_size, "r": r, "optim_bits": optim_bits,
                   "gradient_checkpointing": gradient_checkpointing, "paged": paged,
-                  "dtype": str(weights_dtype).removeprefix("torch.")},
+                  "dtype": str(weights_dtype).removeprefix("torch."), "world_size": world_size,
+                  "cpu_offload": cpu_offload},
         notes=["not counted: the CUDA context, allocator fragmentation, transient backward buffers"],
     )  # fmt: skip
+
+
+def _gather_terms(model: nn.Module, world_size: int) -> list[Term]:
+    """What FSDP2 gathers on each rank (`distributed/plan.py`); nothing in one process."""
+    if world_size == 1:
+        return []
+    gathered = gathered_bytes(model, list(pipeline.repeated_blocks(model)))
+    return [
+        Term(
+            "all-gather buffers (blocks)",
+            gathered["blocks"],
+            "two blocks gathered whole (one computing, one prefetched)",
+        ),
+        Term(
+            "root gathered",
+            gathered["root"],
+            "embeddings, output head, final norm: gathered from forward to backward",
+        ),
+    ]

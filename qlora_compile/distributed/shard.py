@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import pipeline
 from ..errors import InvalidArgumentError, UnsupportedError
+from ..loss import fuse_causal_lm_loss
 from ..modules import QuantizedLinear
 from . import load
 
@@ -100,11 +101,13 @@ def shard(
     if adapters is not None:  # built on meta: each rank reads its rows now
         handle.bytes_read = load.fill_from_folder(model, adapters, _device(handle.mesh))
     handle.reset_optimizer()  # fully_shard replaced every parameter by a sharded one
-    # not the fused head and loss: it reads the head's weight after the root's forward, when
-    # FSDP2 may hold it sharded (untested there)
-    handle.report().compiled_blocks = pipeline.compile_model(
+    report = handle.report()
+    report.compiled_blocks = pipeline.compile_model(
         model, handle.backend, "layers", dynamic=handle.config.dynamic
     )
+    # the fused head and loss run inside the root's forward, where FSDP2 holds the head gathered
+    # (it does not reshard the root after its forward)
+    report.fused_loss = pipeline.fused_loss_applies(model, handle.config) and fuse_causal_lm_loss(model)
     handle.backend = None
     return model
 

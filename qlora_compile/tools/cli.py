@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -100,6 +101,8 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(arg)
     result = train(load_config(path, overrides), resume=resume, progress=progress)
     r = result.report
+    if not r:  # a rank other than 0 under torchrun: rank 0 reports
+        return result.exit_code
     if result.stopped_by is not None:
         print(f"stopped by {r['stopped_by_signal']} after step {r['steps']}: checkpoint saved in "
               f"{result.output_dir}; continue with --resume latest", file=sys.stderr)  # fmt: skip
@@ -137,7 +140,7 @@ def _plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, r=args.r, optim_bits=args.optim_bits,
         gradient_checkpointing=args.gradient_checkpointing,
         optim_budget=None if args.optim_budget is None else parse_size(args.optim_budget, "--optim-budget"),
-        paged=not args.no_paged, dtype=args.dtype,
+        paged=not args.no_paged, dtype=args.dtype, world_size=args.world_size, cpu_offload=args.cpu_offload,
     )  # fmt: skip
     if args.json:
         import json
@@ -149,6 +152,11 @@ def _plan(args: argparse.Namespace) -> int:
     table = Table(
         title=f"{plan.model}: batch {s['batch_size']} x {s['seq_len']} tokens, r={s['r']}, {s['optim_bits']}-bit "
         f"optimizer{' (paged)' if s['paged'] else ''}, {s['dtype']} weights before compile"
+        + (
+            f"; per rank of {s['world_size']}{' (cpu_offload)' if s['cpu_offload'] else ''}"
+            if s["world_size"] > 1
+            else ""
+        )
     )
     table.add_column("term")
     table.add_column("GiB", justify="right")
@@ -170,7 +178,8 @@ def _plan(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(
         f"persistent (parameters + buffers, exact): {plan.persistent_bytes / 2**30:.2f} GiB; "
-        f"host (paged optimizer states): {plan.host_bytes / 2**30:.2f} GiB; {'; '.join(plan.notes)}"
+        f"host ({'offloaded' if s['cpu_offload'] else 'paged optimizer states'}): {plan.host_bytes / 2**30:.2f} GiB; "
+        f"{'; '.join(plan.notes)}"
     )
     verdict = "fits" if plan.fits else "does NOT fit"
     largest = plan.largest
@@ -377,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="bfloat16",
         help="dense weights' dtype before compile: bfloat16 (default), float16, float32, auto",
     )
+    plan.add_argument(
+        "--world-size", type=int, default=1,
+        help="ranks of a sharded (FSDP2) run: the plan is per rank, --batch-size per rank (default: 1)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--cpu-offload", action="store_true",
+        help="with --world-size: sharded parameters, gradients and optimizer states in host memory",
+    )  # fmt: skip
     plan.set_defaults(run=_plan)
     _add_convert(sub)
     _add_export(sub)
@@ -396,6 +413,12 @@ def _split_train(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
+def _rank_note() -> str:
+    """Which process speaks, under torchrun (WORLD_SIZE > 1): each rank prints its own errors."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world != "1" else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, train_args = _split_train(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
@@ -409,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     except QLoRAError as e:  # the user's input: one line (and the traceback with -v)
         if args.verbose:
             traceback.print_exc()
-        print(f"qlora-compile {args.command}: {e}", file=sys.stderr)
+        print(f"qlora-compile {args.command}{_rank_note()}: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001  (a bug or the machine: keep the whole traceback)
         extra = _EXTRAS.get((getattr(e, "name", None) or "").partition(".")[0])
@@ -420,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         traceback.print_exc()
-        print(f"qlora-compile {args.command}: unexpected error (traceback above)", file=sys.stderr)
+        print(
+            f"qlora-compile {args.command}{_rank_note()}: unexpected error (traceback above)", file=sys.stderr
+        )
         return 1
 
 

@@ -5,6 +5,7 @@
 - `data`: files -> tokenized memory-mapped datasets -> length-grouped padded batches.
 - `loop`: the step (gradient accumulation), schedule, evaluation, metrics, signals.
 - `checkpoints`: atomic, resumable checkpoints.
+- `ranks`: under torchrun, each rank's rows, sums over ranks, rank 0's outputs.
 - `run`: `train(cfg)`, the whole job.
 """
 

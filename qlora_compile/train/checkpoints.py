@@ -8,8 +8,14 @@ complete (`atomic_folder`), so a kill at any moment leaves whole checkpoints onl
 - `rng.pt`: Python's, NumPy's and torch's random states (CUDA's too when present);
 - `trainer_state.json`: the step, the data position (epoch, next micro-batch, the order's seed and
   the dataset size), the evaluation before training and the metrics written so far;
-- `run.json`: the config fields that decide the computation and the model's identity, which a
-  resume must match.
+- `run.json`: the config fields that decide the computation, the model's identity and the world
+  size, which a resume must match.
+
+On N ranks (`torchrun`) `dcp/` replaces `optimizer.safetensors`: the sharded LoRA weights,
+optimizer states and step through `torch.distributed.checkpoint` (`model.qlora.save_checkpoint`);
+`rng.pt` holds every rank's random states, `adapter/` the gathered adapter. Rank 0 writes the rest
+and renames the folder once every rank's part is in. A checkpoint resumes on as many ranks as
+wrote it (`check_matches`): `batch_size` is per rank, so the data order depends on the world size.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint.output_folder import atomic_folder
+from ..checkpoint.output_folder import _replace_folder, atomic_folder
 from ..errors import InvalidConfigError, InvalidFolderError, MissingFileError
+from .ranks import SINGLE, Ranks
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE, RUN = "trainer_state.json", "run.json"
 FILES = ("adapter", "optimizer.safetensors", "scheduler.pt", "rng.pt", STATE, RUN)
+SHARDED_FILES = ("adapter", "dcp", "scheduler.pt", "rng.pt", STATE, RUN)
 
 
 @dataclass
@@ -88,9 +96,11 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_matches(checkpoint: Path, config_identity: dict, model: dict, dataset_size: int) -> None:
-    """Raise InvalidConfigError unless `checkpoint` was made by the same model, config and data size."""
+def check_matches(checkpoint: Path, identity: dict, dataset_size: int) -> None:
+    """Raise InvalidConfigError unless `checkpoint` was made by the same model, config, world size
+    and data size (`identity`: {"config", "model", "world_size"})."""
     run = json.loads((checkpoint / RUN).read_text())
+    config_identity, model = identity["config"], identity["model"]
     if run["model"] != model:
         raise InvalidConfigError(
             f"cannot resume from {checkpoint}: it was trained from another model (config.json or weights differ)"
@@ -100,6 +110,13 @@ def check_matches(checkpoint: Path, config_identity: dict, model: dict, dataset_
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise InvalidConfigError(
             f"cannot resume from {checkpoint}: made with another config: {'; '.join(diff[:3])}{more}"
+        )
+    saved_world, world = run.get("world_size", 1), identity["world_size"]
+    if saved_world != world:
+        raise InvalidConfigError(
+            f"cannot resume from {checkpoint}: it was trained on {saved_world} rank(s), this run has {world}; "
+            "batch_size is per rank, so the global batch and the data order would change: resume on "
+            f"{saved_world} (torchrun --nproc_per_node={saved_world})"
         )
     saved_size = json.loads((checkpoint / STATE).read_text())["dataset_size"]
     if saved_size != dataset_size:
@@ -131,7 +148,7 @@ def find(output_dir: str | Path, resume: str) -> Path:
         path = Path(resume)
         if not path.is_dir():
             raise MissingFileError(f"--resume {resume}: no such checkpoint folder")
-    missing = [f for f in FILES if not (path / f).exists()]
+    missing = [f for f in (SHARDED_FILES if (path / "dcp").is_dir() else FILES) if not (path / f).exists()]
     if missing:
         raise InvalidFolderError(f"{path} is not a training checkpoint: it lacks {', '.join(missing)}")
     return path
@@ -174,21 +191,50 @@ def set_rng_state(saved: dict) -> None:
 # ---- save / load -------------------------------------------------------------------------------
 
 
-def save(output_dir: Path, model, scheduler, state: TrainState, run: dict, keep: int) -> Path:
-    """Write `checkpoint-<step>` atomically, then remove the oldest beyond `keep` (0: keep all)."""
+def save(
+    output_dir: Path, model, scheduler, state: TrainState, run: dict, keep: int, ranks: Ranks = SINGLE
+) -> Path:
+    """Write `checkpoint-<step>` atomically, then remove the oldest beyond `keep` (0: keep all).
+    On N ranks every rank must call it."""
     from ..adapters import save_adapter
     from ..optim.adamw import save_optimizer
 
     dst = output_dir / f"checkpoint-{state.step}"
+    if ranks.distributed:
+        return _save_sharded(dst, model, scheduler, state, run, keep, ranks)
     with atomic_folder(dst) as tmp:
         save_adapter(model, tmp / "adapter")
         save_optimizer(model.qlora.optimizer, tmp / "optimizer.safetensors")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / STATE).write_text(json.dumps(asdict(state), indent=1))
-        (tmp / RUN).write_text(json.dumps(run, indent=1, sort_keys=True))
+        _save_rest(tmp, scheduler, rng_state(), state, run)
     rotate(output_dir, keep)
     return dst
+
+
+def _save_sharded(dst: Path, model, scheduler, state: TrainState, run: dict, keep: int, ranks: Ranks) -> Path:
+    import torch.distributed as dist
+
+    tmp = dst.with_name(dst.name + ".partial")
+    if ranks.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model.qlora.save_checkpoint(tmp / "dcp")
+    model.qlora.save_adapter(tmp / "adapter")
+    rngs = [None] * ranks.world
+    dist.all_gather_object(rngs, rng_state())
+    if ranks.main:
+        _save_rest(tmp, scheduler, {"ranks": rngs}, state, run)
+        _replace_folder(tmp, dst)
+        rotate(dst.parent, keep)
+    dist.barrier()
+    return dst
+
+
+def _save_rest(folder: Path, scheduler, rng: dict, state: TrainState, run: dict) -> None:
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    torch.save(rng, folder / "rng.pt")
+    (folder / STATE).write_text(json.dumps(asdict(state), indent=1))
+    (folder / RUN).write_text(json.dumps(run, indent=1, sort_keys=True))
 
 
 def rotate(output_dir: Path, keep: int) -> list[Path]:
@@ -206,11 +252,16 @@ def load(checkpoint: Path, model, scheduler) -> TrainState:
     from ..adapters import load_adapter
     from ..optim.adamw import load_optimizer
 
-    load_adapter(model, checkpoint / "adapter")
-    load_optimizer(model.qlora.optimizer, checkpoint / "optimizer.safetensors")
+    if (checkpoint / "dcp").is_dir():  # written on N ranks; DCP reads it on any number
+        model.qlora.load_checkpoint(checkpoint / "dcp")
+    else:
+        load_adapter(model, checkpoint / "adapter")
+        load_optimizer(model.qlora.optimizer, checkpoint / "optimizer.safetensors")
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     return TrainState(**json.loads((checkpoint / STATE).read_text()))
 
 
-def load_rng(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / "rng.pt", weights_only=True)
+def load_rng(checkpoint: Path, ranks: Ranks = SINGLE) -> dict:
+    """This rank's random states (a checkpoint resumes on as many ranks as wrote it)."""
+    saved = torch.load(checkpoint / "rng.pt", weights_only=True)
+    return saved["ranks"][ranks.rank] if "ranks" in saved else saved

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .data import IGNORE
+from .ranks import SINGLE, Ranks, sum_over_ranks
 
 logger = logging.getLogger(__name__)
 # transformers' scheduler names for ours: "constant" warms up too when warmup is asked for
@@ -32,8 +33,9 @@ class Plan:
     warmup_steps: int
 
 
-def plan_steps(n_examples: int, cfg) -> Plan:
-    micro = math.ceil(n_examples / cfg.batch_size)
+def plan_steps(n_examples: int, cfg, world: int = 1) -> Plan:
+    """The plan of `cfg` on `world` ranks: each micro-batch is `batch_size` rows per rank."""
+    micro = math.ceil(n_examples / (cfg.batch_size * world))
     per_epoch = math.ceil(micro / cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * per_epoch
     warmup = cfg.warmup_steps or math.ceil(total * cfg.warmup_ratio)
@@ -55,28 +57,34 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def train_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+def train_step(model, batches: list[dict[str, torch.Tensor]], ranks: Ranks = SINGLE) -> tuple[float, float]:
     """Forward and backward every micro-batch, then `model.qlora.step()`; returns the step's loss
     and the gradient norm.
 
     The loss is the mean over the step's label tokens, all micro-batches together: each forward
     gets their total as `num_items_in_batch` (as transformers' Trainer passes it), so its loss is
     its sum over that total and the gradients add up to those of one big batch. A 0-dim tensor,
-    not an int: Dynamo would specialize the graph on every new int.
+    not an int: Dynamo would specialize the graph on every new int. On N ranks (`batches` holding
+    this rank's rows) the total is over all ranks' tokens, divided by N: FSDP2 averages the
+    gradients over ranks, which makes them the whole global batch's.
     """
     device = batches[0]["input_ids"].device
     n = torch.tensor(sum(label_tokens(b) for b in batches), device=device)
+    if ranks.distributed:
+        n = torch.tensor(sum_over_ranks([float(n)], ranks, device)[0] / ranks.world, device=device)
     total = torch.zeros((), device=device)
     for batch in batches:
         loss = model(**batch, num_items_in_batch=n).loss
         loss.backward()
         total = total + loss.detach().float()
     norm = model.qlora.step()
-    return float(total), norm
+    (loss,) = sum_over_ranks([float(total)], ranks, device)
+    return loss / ranks.world, norm
 
 
-def evaluate(model, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-    """Mean next-token loss over every label token of `batches`.
+def evaluate(model, batches: Iterable[dict[str, torch.Tensor]], ranks: Ranks = SINGLE) -> float:
+    """Mean next-token loss over every label token of `batches` (on N ranks: this rank's rows of
+    each, summed over ranks).
 
     Eager (`force_eager`) and in eval mode: the eval batches have their own shapes, and neither they
     nor the eval-mode flag should trace new variants of the compiled training graph.
@@ -84,12 +92,17 @@ def evaluate(model, batches: Iterable[dict[str, torch.Tensor]]) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+    # sharded: no_grad, not inference_mode, in which FSDP2 would allocate its all-gather buffers as
+    # inference tensors that the next training step cannot write into
+    no_grad = torch.no_grad() if ranks.distributed else torch.inference_mode()
+    with no_grad, torch.compiler.set_stance("force_eager"):
         for batch in batches:
             n = label_tokens(batch)
-            if n:
-                total += model(**batch).loss.item() * n
-                count += n
+            if n or ranks.distributed:  # every rank runs every forward: FSDP2 gathers in it
+                loss = model(**batch).loss
+                total, count = (total + loss.item() * n, count + n) if n else (total, count)
+    device = next(model.parameters()).device
+    total, count = sum_over_ranks([total, count], ranks, device)
     model.train(was_training)
     return total / count if count else float("nan")
 
@@ -99,16 +112,19 @@ def perplexity(loss: float) -> float:
 
 
 class Metrics:
-    """`metrics.jsonl`: one JSON object per line, flushed as written; optionally TensorBoard too."""
+    """`metrics.jsonl`: one JSON object per line, flushed as written; optionally TensorBoard too.
+    `write=False` (ranks other than 0): the rows are kept in memory only."""
 
-    def __init__(self, path: Path, upto_step: int | None, tensorboard: bool):
+    def __init__(self, path: Path, upto_step: int | None, tensorboard: bool, write: bool = True):
         self.path = path
         self.rows = _read_rows(path, upto_step) if upto_step is not None else []
+        self._file = self._writer = None
+        if not write:
+            return
         tmp = path.with_name(path.name + ".tmp")  # a resumed run drops what came after its checkpoint
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         os.replace(tmp, path)
         self._file = path.open("a")
-        self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -116,15 +132,17 @@ class Metrics:
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
         if self._writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):
                     self._writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._writer is not None:
             self._writer.close()
 

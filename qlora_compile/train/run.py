@@ -24,6 +24,7 @@ from . import checkpoints, data, loop
 from .checkpoints import TrainState
 from .config import TrainConfig
 from .pack import pack
+from .ranks import SINGLE, Ranks, agreed_signal, join, leave, my_rows, rank0_first
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -41,6 +42,12 @@ class Prepared:
     four_bit: bool
     checkpoint: Path | None
     run_identity: dict = field(default_factory=dict)
+    ranks: Ranks = SINGLE
+
+    @property
+    def global_batch(self) -> int:
+        """Rows of one micro-batch over all ranks (`batch_size` is per rank)."""
+        return self.cfg.batch_size * self.ranks.world
 
     @property
     def pad_id(self) -> int:
@@ -80,7 +87,7 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def prepare(cfg: TrainConfig, resume: str | None = None) -> Prepared:
+def prepare(cfg: TrainConfig, resume: str | None = None, ranks: Ranks = SINGLE) -> Prepared:
     """Every check and the tokenized data, before anything is written."""
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UnsupportedError("tensorboard: true needs the tensorboard package: pip install tensorboard")
@@ -98,17 +105,21 @@ def prepare(cfg: TrainConfig, resume: str | None = None) -> Prepared:
     _log_counts("train", train.counts, cfg)
     if cfg.eval_files:
         _log_counts("eval", evals.counts, cfg)
-    run_identity = {"config": cfg.identity(), "model": checkpoints.model_identity(cfg.model)}
+    run_identity = {
+        "config": cfg.identity(),
+        "model": checkpoints.model_identity(cfg.model),
+        "world_size": ranks.world,
+    }
     found = None
     if resume:
         found = checkpoints.find(cfg.output_dir, resume)
-        checkpoints.check_matches(found, run_identity["config"], run_identity["model"], len(train))
+        checkpoints.check_matches(found, run_identity, len(train))
     elif checkpoints.list_checkpoints(cfg.output_dir):
         raise InvalidArgumentError(
             f"output_dir {cfg.output_dir} holds checkpoints of an earlier run: pass --resume latest to "
             "continue it, or choose another output_dir"
         )
-    return Prepared(cfg, tokenizer, fmt, train, evals, four_bit, found, run_identity)
+    return Prepared(cfg, tokenizer, fmt, train, evals, four_bit, found, run_identity, ranks)
 
 
 def _log_counts(what: str, c: data.Counts, cfg: TrainConfig) -> None:
@@ -130,15 +141,19 @@ def train_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def load_model(cfg: TrainConfig, four_bit: bool):
+def load_model(cfg: TrainConfig, four_bit: bool, ranks: Ranks = SINGLE):
     """The model as stored (a 4-bit folder is not re-quantized), compiled with `cfg.qlora`, on the
     training device. A 16-bit folder is loaded and quantized on the CPU, so the device never holds
-    its 16-bit weights, then moved; a 4-bit folder is loaded onto the device directly."""
+    its 16-bit weights, then moved; a 4-bit folder is loaded onto the device directly. On N ranks
+    it is sharded (`distributed.shard`): a 4-bit folder is built on the meta device and each rank
+    reads its rows of it there; a 16-bit one is loaded whole by each rank first."""
     import qlora_compile
 
     dtype, device = parse_dtype(cfg.dtype, "dtype"), train_device(cfg)
     if four_bit:
-        model = qlora_compile.load_quantized(cfg.model, dtype=dtype, device=device)
+        model = qlora_compile.load_quantized(
+            cfg.model, dtype=dtype, device="meta" if ranks.distributed else device
+        )
     else:
         from transformers import AutoModelForCausalLM
 
@@ -146,8 +161,12 @@ def load_model(cfg: TrainConfig, four_bit: bool):
     # batches of every length in a run: symbolic sizes from the first step, one graph for all
     # (unless the config asks for another `dynamic`)
     dynamic = True if cfg.qlora.dynamic is None else cfg.qlora.dynamic
-    qlora_compile.compile(model, cfg.qlora, dynamic=dynamic)
-    return model.to(device)  # before model.qlora.optimizer exists: its states go where the parameters are
+    qlora_compile.compile(model, cfg.qlora, dynamic=dynamic, distributed=ranks.distributed)
+    if not ranks.distributed:
+        return model.to(device)  # before model.qlora.optimizer exists: its states go where the parameters are
+    from .. import distributed
+
+    return distributed.shard(model if four_bit else model.to(device))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -176,12 +195,16 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     started = time.perf_counter()
     if not progress:
         transformers.utils.logging.disable_progress_bar()
-    p = prepare(cfg, resume)
+    ranks = join(train_device(cfg))
+    p = rank0_first(ranks, lambda: prepare(cfg, resume, ranks))
     model, plan, scheduler, state, rng = _setup(p)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    metrics = loop.Metrics(out / "metrics.jsonl", state.step if p.checkpoint else None, cfg.tensorboard)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    metrics = loop.Metrics(
+        out / "metrics.jsonl", state.step if p.checkpoint else None, cfg.tensorboard, write=ranks.main
+    )
     if p.eval is not None and state.step == 0:
         state.eval_before = _evaluate(model, p, metrics, 0)
     if rng is not None:
@@ -193,9 +216,12 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         _eval_after(model, p, metrics, state.step) if p.eval is not None and not stop.signum else None
     )
     if stop.signum is not None or (cfg.save_every and state.step % cfg.save_every):
-        checkpoints.save(out, model, scheduler, state, p.run_identity, cfg.save_total_limit)
-    adapter = model.qlora.save_adapter(out / "adapter")
+        checkpoints.save(out, model, scheduler, state, p.run_identity, cfg.save_total_limit, ranks)
+    adapter = model.qlora.save_adapter(out / "adapter")  # on N ranks: gathered, written by rank 0
     metrics.close()
+    leave(ranks)  # the rest (report, exports, plot) is rank 0's alone
+    if not ranks.main:
+        return Result({}, out, stop.signum)
     stop_name = None if stop.signum is None else signal.Signals(stop.signum).name
     seconds = (run_seconds, time.perf_counter() - started)
     report = _report(p, plan, state, metrics, seconds, eval_after, adapter, stop_name)
@@ -211,14 +237,16 @@ def _setup(p: Prepared):
     (with its random states, which the caller sets last)."""
     import transformers
 
-    transformers.set_seed(p.cfg.seed)  # before compile: LoRA's initialization draws from it
-    model = load_model(p.cfg, p.four_bit)
-    plan = loop.plan_steps(len(p.train), p.cfg)
+    transformers.set_seed(
+        p.cfg.seed
+    )  # before compile: LoRA's initialization draws from it (the same on every rank)
+    model = load_model(p.cfg, p.four_bit, p.ranks)
+    plan = loop.plan_steps(len(p.train), p.cfg, p.ranks.world)
     scheduler = loop.make_scheduler(model.qlora.optimizer, p.cfg.schedule, plan)
     if p.checkpoint is None:
         return model, plan, scheduler, TrainState(data_seed=p.cfg.seed, dataset_size=len(p.train)), None
     state = checkpoints.load(p.checkpoint, model, scheduler)
-    return model, plan, scheduler, state, checkpoints.load_rng(p.checkpoint)
+    return model, plan, scheduler, state, checkpoints.load_rng(p.checkpoint, p.ranks)
 
 
 def _eval_after(model, p: Prepared, metrics: loop.Metrics, step: int) -> float:
@@ -229,8 +257,10 @@ def _eval_after(model, p: Prepared, metrics: loop.Metrics, step: int) -> float:
 
 def _evaluate(model, p: Prepared, metrics: loop.Metrics, step: int) -> float:
     device = next(model.parameters()).device
-    batches = (to_device(b, device) for b in data.eval_batches(p.eval, p.cfg.batch_size, p.pad_id))
-    loss = loop.evaluate(model, batches)
+    batches = (
+        to_device(my_rows(b, p.ranks), device) for b in data.eval_batches(p.eval, p.global_batch, p.pad_id)
+    )
+    loss = loop.evaluate(model, batches, p.ranks)
     metrics.write({"step": step, "eval_loss": loss, "eval_ppl": loop.perplexity(loss)})
     return loss
 
@@ -243,25 +273,26 @@ def _loop(
 
     cfg = p.cfg
     bar = tqdm(total=plan.total_steps, initial=state.step, desc="train", file=sys.stderr,
-               dynamic_ncols=True, disable=not progress)  # fmt: skip
+               dynamic_ncols=True, disable=not (progress and p.ranks.main))  # fmt: skip
     lengths, device = p.train.lengths, next(model.parameters()).device
     order = None
     seconds = 0.0
-    while state.step < plan.total_steps and stop.signum is None:
+    stopped = stop.signum
+    while state.step < plan.total_steps and stopped is None:
         if state.batch >= plan.micro_per_epoch:
             state.epoch, state.batch, order = state.epoch + 1, 0, None
         if order is None:
             order = data.micro_batches(
-                data.epoch_order(lengths, cfg.batch_size, state.data_seed, state.epoch, cfg.group_by_length),
-                cfg.batch_size,
+                data.epoch_order(lengths, p.global_batch, state.data_seed, state.epoch, cfg.group_by_length),
+                p.global_batch,
             )
         chunk = order[state.batch : state.batch + cfg.grad_accum]
         rows = [p.train.dataset[ids] for ids in chunk]
-        batches = [to_device(data.collate(r, p.pad_id), device) for r in rows]
-        tokens = sum(sum(r["length"]) for r in rows)
+        batches = [to_device(my_rows(data.collate(r, p.pad_id), p.ranks), device) for r in rows]
+        tokens = sum(sum(r["length"]) for r in rows)  # every rank's
         lr = scheduler.get_last_lr()[0]
         t0 = time.perf_counter()
-        loss, norm = loop.train_step(model, batches)
+        loss, norm = loop.train_step(model, batches, p.ranks)
         scheduler.step()
         dt = time.perf_counter() - t0
         seconds += dt
@@ -281,8 +312,11 @@ def _loop(
             _evaluate(model, p, metrics, state.step)
         if cfg.save_every and state.step % cfg.save_every == 0:
             checkpoints.save(
-                Path(cfg.output_dir), model, scheduler, state, p.run_identity, cfg.save_total_limit
+                Path(cfg.output_dir), model, scheduler, state, p.run_identity, cfg.save_total_limit, p.ranks
             )
+        stopped = agreed_signal(stop.signum, p.ranks, device)  # on N ranks: all stop after the same step
+    if p.ranks.distributed:  # a signal that came after the last agreement waits for the next run
+        stop.signum = stopped
     bar.close()
     return seconds
 

@@ -27,6 +27,7 @@ LORA_FLIPS = {
     "adamw32": (0.0, 1e-5),
     "folder": (0.0, 1e-5),
     "replicated": (0.0, 1e-5),
+    "fused": (0.0, 1e-5),
     "paged8": (1e-3, 1e-4),
 }
 
@@ -140,3 +141,11 @@ def test_a_dead_rank_fails_the_others_instead_of_hanging():
     assert raised is not None and ("closed by peer" in raised or "reset by peer" in raised), raised
     assert float(raised.split(" s:")[0]) < 10  # gloo notices the closed connection, no 60 s timeout
     assert code0 != 0 and "barrier" in error0  # and the launch fails
+
+
+def test_shard_fuses_the_head_and_loss(sharded):
+    """`fused_loss=True`: the fused head and loss run inside the root's forward (FSDP2 holds the
+    head gathered there); the run equals one process's fused run (test_sharded_training_equals_one_process)."""
+    assert sharded[0]["reference"]["fused"]["fused_loss"]
+    for r in sharded:
+        assert r["fused"]["fused_loss"] and not r["adamw32"]["fused_loss"]
