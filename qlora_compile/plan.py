@@ -12,12 +12,15 @@ leftovers), then its tensors are counted. The rest is a model:
   at least 1e5 elements are paged: the device holds at most `device_budget` bytes of them (default:
   10% of the paged states), the rest lives in host memory.
 - Activations (bytes a training step keeps for backward), per token t of batch * seq_len, with
-  e = 4 (compile makes norms, adapters and so the residual stream fp32), for one decoder layer:
+  e = 4 (compile makes norms, adapters and so the residual stream fp32; with
+  `fp32_residual=False` the weights' dtype, 2 for bf16) and l the bytes of the LoRA products'
+  dtype (4; `lora_compute_dtype`'s), for one decoder layer:
 
-      A = e * sum(k) + [dropout > 0] * sum(k) + e * r * n_lora      LoRA inputs kept for dA (after
-                                                                     dropout, fp32), the dropout
+      A = l * sum(k) + [dropout > 0] * sum(k) + l * r * n_lora      LoRA inputs kept for dA (after
+                                                                     dropout), the dropout
                                                                      masks, x A^T kept for dB
-        + e * h * n_norm                                              each norm's input
+        + 4 * h * n_norm                                              each norm's input in fp32
+                                                                     (the norms compute in fp32)
         + e * (2 * h_q + 2 * h_kv) + 4 * heads                        q, k, v, attention output,
                                                                      log-sum-exp (fused attention)
         + [eager attention] * 2 * e * heads * seq_len                 scores and probabilities
@@ -40,11 +43,16 @@ leftovers), then its tensors are counted. The rest is a model:
   out / in run over the layer's 4-bit expert weights (measured: `tests/tools/test_plan.py`). Without checkpointing every
   layer keeps A: L * t * A. With (non-reentrant) checkpointing each layer keeps only its input and
   one layer is recomputed at a time: L * t * e * h + t * A (the first layer's input is the
-  embeddings', in their dtype, w bytes: (L - 1) * t * e * h + t * w * h). Plus the head, t * (e * h + 8 * V):
-  the final norm's input, the fp32 logits and the log-softmax the loss keeps (V = vocab size,
-  causal LMs only); with the head and loss fused (`QLoRAConfig.fused_loss`, where it applies)
-  t * 2 * e * h instead: the final norm's input and the hidden states' gradient, computed in the
-  forward (one chunk's logits at a time are transient, not counted). And the dequantize workspace: the largest 4-bit weight in the compute dtype.
+  embeddings', in their dtype, w bytes: (L - 1) * t * e * h + t * w * h). Plus the head, t * (4 * h + (4 + e) * V):
+  the final norm's fp32 input, the logits (in the head's dtype, fp32 unless `fp32_residual=False`)
+  and the fp32 log-softmax the loss keeps (V = vocab size, causal LMs only); with the head and
+  loss fused (`QLoRAConfig.fused_loss`, where it applies)
+  t * (4 + e) * h instead: the final norm's input and the hidden states' gradient, computed in the
+  forward (one chunk's logits at a time are transient, not counted). With
+  `activation_memory_budget` b (AOTAutograd's partitioner instead of checkpointing), a bound:
+  max(with checkpointing, b * without). Without dropout and with l = e, layers that read one
+  input (q/k/v) share its copy, so the LoRA-input term overcounts. And the dequantize workspace:
+  the largest 4-bit weight in the compute dtype.
   Not counted: the CUDA context and allocator fragmentation, transient backward buffers.
 """
 
@@ -200,12 +208,17 @@ def activation_bytes(
     lora_dropout: float,
     mask_bytes: int = 1,
     fused_loss: bool = False,
+    residual_bytes: int = 4,
+    lora_input_bytes: int = 4,
+    budget: float | None = None,
 ) -> dict:
     """The activation model of the module docstring: {"per_layer", "moe_per_layer", "head", "with_checkpointing",
     "without_checkpointing"} in bytes, for a compiled-shaped (meta) model. `mask_bytes`: bytes per
     dropout mask element (1: CUDA's bool mask; the CPU's dropout keeps a 4-byte float noise tensor).
-    `fused_loss`: the head and the loss are fused (`qlora_compile.loss`)."""
-    e = 4
+    `fused_loss`: the head and the loss are fused (`qlora_compile.loss`). `residual_bytes` (e),
+    `lora_input_bytes` (l) and `budget` (an activation memory budget: adds "with_budget") as the
+    module docstring says."""
+    e, lo = residual_bytes, lora_input_bytes
     t = batch_size * seq_len
     layers = _decoder_layers(model)
     n_layers = len(layers) if layers is not None else 0
@@ -225,8 +238,8 @@ def activation_bytes(
     if routed and not gated:
         inter = 0  # no dense MLP: the widest linears are attention's
     per_token = (
-        e * k + (mask_bytes * k if lora_dropout > 0 else 0) + e * r * len(lora)
-        + e * h * norms
+        lo * k + (mask_bytes * k if lora_dropout > 0 else 0) + lo * r * len(lora)
+        + 4 * h * norms
         + e * (2 * heads * head_dim + 2 * kv_heads * head_dim) + 4 * heads
         + (2 * e * heads * seq_len if eager else 0)
         + e * inter * (3 if gated else 1)
@@ -237,10 +250,12 @@ def activation_bytes(
     w = embeddings.weight.element_size() if isinstance(embeddings, nn.Embedding) else e
     vocab = getattr(hf_config, "vocab_size", 0) if _is_lm(model) else 0
     if fused_loss:
-        head = t * 2 * e * h  # final norm input; the hidden states' gradient the fused loss keeps
+        head = t * (4 + e) * h  # final norm's fp32 input; the hidden states' gradient the fused loss keeps
     else:
-        head = t * (e * h + 8 * vocab)  # final norm input; fp32 logits (the output) and log-softmax
-    return {
+        head = t * (
+            4 * h + (4 + e) * vocab
+        )  # final norm's fp32 input; the logits (the output); fp32 log-softmax
+    out = {
         "per_layer": per_layer,
         "moe_per_layer": t * routed,
         "layers": n_layers,
@@ -251,6 +266,9 @@ def activation_bytes(
         + head,
         "without_checkpointing": n_layers * per_layer + head,
     }
+    if budget is not None:
+        out["with_budget"] = max(out["with_checkpointing"], int(budget * out["without_checkpointing"]))
+    return out
 
 
 def _routed_bytes(layer: nn.Module, hf_config, e: int, r: int) -> int:
@@ -272,7 +290,7 @@ def _routed_bytes(layer: nn.Module, hf_config, e: int, r: int) -> int:
     return total
 
 
-def _embedding_note(model: nn.Module) -> str:
+def _embedding_note(model: nn.Module, fp32_residual: bool = True) -> str:
     dtypes = sorted(
         {str(m.weight.dtype).removeprefix("torch.") for m in model.modules() if isinstance(m, nn.Embedding)}
     )
@@ -283,7 +301,10 @@ def _embedding_note(model: nn.Module) -> str:
         and inputs is not None
         and getattr(head, "weight", None) is getattr(inputs, "weight", 0)
     )
-    return "in " + ", ".join(dtypes) + ("; tied to the output head, so fp32 after compile" if tied else "")
+    tied_note = (
+        "; tied to the output head, so fp32 after compile" if fp32_residual else "; tied to the output head"
+    )
+    return "in " + ", ".join(dtypes) + (tied_note if tied else "")
 
 
 def _is_lm(model: nn.Module) -> bool:
@@ -305,6 +326,9 @@ def plan_memory(
     lora_dropout: float = 0.05,
     world_size: int = 1,
     cpu_offload: bool = False,
+    fp32_residual: bool = QLoRAConfig.fp32_residual,
+    lora_compute_dtype: torch.dtype | None = None,
+    activation_memory_budget: float | None = None,
 ) -> Plan:
     """Predict the device memory of QLoRA training of the model at `path` (folder or config.json).
 
@@ -318,6 +342,7 @@ def plan_memory(
         world_size: ranks of a `distributed.shard`ed run: the plan is rank 0's (`distributed/plan.py`),
             `batch_size` per rank.
         cpu_offload: `shard(cpu_offload=True)`: sharded parameters, gradients and states in host memory.
+        fp32_residual, lora_compute_dtype, activation_memory_budget: as `QLoRAConfig`'s.
     """
     check_world_size(world_size)
     if seq_len < 1 or batch_size < 1:
@@ -325,7 +350,9 @@ def plan_memory(
     if gpu_memory <= 0:
         raise InvalidArgumentError("--gpu-memory must be positive")
     config = QLoRAConfig(r=r, optim_bits=optim_bits, paged=paged, lora_dropout=lora_dropout,
-                         gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+                         gradient_checkpointing=gradient_checkpointing, fp32_residual=fp32_residual,
+                         lora_compute_dtype=lora_compute_dtype,
+                         activation_memory_budget=activation_memory_budget)  # fmt: skip
     hf_config = _inspect.read_config(path)
     weights_dtype = _inspect.resolve_dtype(dtype, hf_config)
     model = _inspect.meta_model(hf_config, weights_dtype)
@@ -339,10 +366,12 @@ def plan_memory(
     acts = activation_bytes(
         model, hf_config, batch_size=batch_size, seq_len=seq_len, r=r, lora_dropout=lora_dropout,
         fused_loss=pipeline.fused_loss_applies(model, config),
+        residual_bytes=4 if fp32_residual else weights_dtype.itemsize,
+        lora_input_bytes=(lora_compute_dtype or torch.float32).itemsize, budget=activation_memory_budget,
     )  # fmt: skip
     largest = max((math.prod(x.shape[-2:]) for x in rewrites if x.skipped is None), default=0)  # one expert
     workspace = largest * torch.empty((), dtype=config.compute_dtype).element_size()
-    act_key = "with_checkpointing" if gradient_checkpointing else "without_checkpointing"
+    act_key, act_name, other = _activation_policy(gradient_checkpointing, activation_memory_budget)
     budget_note = "10% of the paged states" if optim_budget is None else "--optim-budget"
     terms = [
         Term(
@@ -351,9 +380,11 @@ def plan_memory(
             f"{sum(x.skipped is None for x in rewrites)} layers, packed NF4",
         ),
         Term("4-bit statistics", persistent["4-bit statistics"], "absmax codes, nested absmax, offsets"),
-        Term("embeddings", persistent["embeddings"], _embedding_note(model)),
+        Term("embeddings", persistent["embeddings"], _embedding_note(model, fp32_residual)),
         Term(
-            "dense leftovers (output head)", persistent["dense leftovers (output head)"], "fp32 after compile"
+            "dense leftovers (output head)",
+            persistent["dense leftovers (output head)"],
+            "fp32 after compile" if fp32_residual else "in the weights' dtype (fp32_residual=False)",
         ),
         Term("norms (fp32)", persistent["norms (fp32)"]),
         Term("biases of 4-bit layers", persistent["biases of 4-bit layers"]),
@@ -373,10 +404,9 @@ def plan_memory(
             else f"{optim_bits}-bit, not paged",
         ),
         Term(
-            f"activations ({'with' if gradient_checkpointing else 'without'} checkpointing)",
+            f"activations ({act_name})",
             acts[act_key],
-            f"batch {batch_size} x {seq_len} tokens; {'without' if gradient_checkpointing else 'with'} checkpointing: "
-            f"{acts['without_checkpointing' if gradient_checkpointing else 'with_checkpointing'] / 2**30:.2f} GiB",
+            f"batch {batch_size} x {seq_len} tokens; {other.replace('_', ' ')}: {acts[other] / 2**30:.2f} GiB",
         ),
         Term("dequantize workspace", workspace, "the largest 4-bit weight in the compute dtype"),
         *_gather_terms(model, world_size),
@@ -391,10 +421,21 @@ def plan_memory(
         persistent=persistent, optimizer=optim, activations=acts, host_bytes=host,
         settings={"seq_len": seq_len, "batch_size": batch_size, "r": r, "optim_bits": optim_bits,
                   "gradient_checkpointing": gradient_checkpointing, "paged": paged,
+                  "fp32_residual": fp32_residual, "activation_memory_budget": activation_memory_budget,
+                  "lora_compute_dtype": None if lora_compute_dtype is None else str(lora_compute_dtype).removeprefix("torch."),
                   "dtype": str(weights_dtype).removeprefix("torch."), "world_size": world_size,
                   "cpu_offload": cpu_offload},
         notes=["not counted: the CUDA context, allocator fragmentation, transient backward buffers"],
     )  # fmt: skip
+
+
+def _activation_policy(checkpointing: bool, budget: float | None) -> tuple[str, str, str]:
+    """(key of the activations kept, its name, key of the alternative the plan notes)."""
+    if budget is not None:
+        return "with_budget", f"memory budget {budget:g}, at most", "without_checkpointing"
+    if checkpointing:
+        return "with_checkpointing", "with checkpointing", "without_checkpointing"
+    return "without_checkpointing", "without checkpointing", "with_checkpointing"
 
 
 def _gather_terms(model: nn.Module, world_size: int) -> list[Term]:

@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 
 from ..checkpoint.output_folder import DEFAULT_MAX_SHARD_SIZE
-from ..dtypes import FLOAT_DTYPES
+from ..dtypes import FLOAT_DTYPES, parse_dtype
 from ..errors import InvalidArgumentError, QLoRAError
 from ..units import parse_size
 
@@ -141,6 +141,8 @@ def _plan(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         optim_budget=None if args.optim_budget is None else parse_size(args.optim_budget, "--optim-budget"),
         paged=not args.no_paged, dtype=args.dtype, world_size=args.world_size, cpu_offload=args.cpu_offload,
+        fp32_residual=args.fp32_residual, activation_memory_budget=args.activation_memory_budget,
+        lora_compute_dtype=None if args.lora_compute_dtype is None else parse_dtype(args.lora_compute_dtype, "--lora-compute-dtype"),
     )  # fmt: skip
     if args.json:
         import json
@@ -386,6 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="bfloat16",
         help="dense weights' dtype before compile: bfloat16 (default), float16, float32, auto",
     )
+    plan.add_argument(
+        "--fp32-residual", action=argparse.BooleanOptionalAction, default=True,
+        help="fp32 norms make the residual stream fp32, as compile() does by default (--no-fp32-residual: bf16)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--lora-compute-dtype", help="dtype of the LoRA products (default: fp32, the adapters')"
+    )
+    plan.add_argument(
+        "--activation-memory-budget", type=float,
+        help="recompute by AOTAutograd's partitioner within this fraction instead of checkpointing (QLoRAConfig's)",
+    )  # fmt: skip
     plan.add_argument(
         "--world-size", type=int, default=1,
         help="ranks of a sharded (FSDP2) run: the plan is per rank, --batch-size per rank (default: 1)",

@@ -96,9 +96,9 @@ def test_persistent_bytes_equal_a_compiled_model(family, dtype, tmp_path):
     assert sum(storages.values()) == measured
 
 
-def _kept_bytes(model, run) -> tuple[int, object]:
+def _kept_bytes(model, run, stance: str = "force_eager") -> tuple[int, object]:
     """(bytes of the storages autograd keeps for backward during `run()`, weights not counted;
-    run's result), eagerly."""
+    run's result), eagerly (or compiled: stance="default")."""
     kept = {}
 
     def pack(t):
@@ -107,36 +107,47 @@ def _kept_bytes(model, run) -> tuple[int, object]:
 
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     with (
-        torch.compiler.set_stance("force_eager"),
+        torch.compiler.set_stance(stance),
         torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
     ):
         out = run()
     return sum(v for k, v in kept.items() if k not in weights), out
 
 
-def _saved_bytes(model, ids) -> int:
+def _saved_bytes(model, ids, stance: str = "force_eager") -> int:
     """Bytes autograd keeps for backward in an eager training forward, plus the logits it returns."""
-    kept, out = _kept_bytes(model, lambda: model(ids, labels=ids, use_cache=False))
+    kept, out = _kept_bytes(model, lambda: model(ids, labels=ids, use_cache=False), stance)
     return kept + (0 if out.logits is None else out.logits.numel() * out.logits.element_size())
 
 
+SMALL_LLAMA = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+BF16_POLICIES = dict(fp32_residual=False, lora_compute_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32-policy", "bf16-policies"])
 @pytest.mark.parametrize("fused_loss", [True, False])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_model_against_measured_saved_tensors(checkpointing, fused_loss):
+def test_activation_model_against_measured_saved_tensors(checkpointing, fused_loss, bf16):
     """Llama: the analytic activations are within 10% of what autograd keeps (measured with
     saved-tensor hooks). On the CPU dropout keeps a float mask, so mask_bytes=4 here. With
     checkpointing the forward keeps the layer inputs and the head; the recomputed layer is extra.
-    With the head and loss fused the head keeps no logits."""
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
-    qconfig = QLoRAConfig(r=8, gradient_checkpointing=checkpointing, backend="eager", fused_loss=fused_loss)
+    With the head and loss fused the head keeps no logits. With the bf16 policies (a bf16 residual
+    stream, bf16 LoRA products) e = l = 2."""
+    config = transformers.LlamaConfig(**SMALL_LLAMA)
+    policies = BF16_POLICIES if bf16 else {}
+    qconfig = QLoRAConfig(
+        r=8, gradient_checkpointing=checkpointing, backend="eager", fused_loss=fused_loss, **policies
+    )
     with torch.device("meta"):
         meta = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     qinspect.prepare_meta(meta, qconfig)
     assert qlora_compile.pipeline.fused_loss_applies(meta, qconfig) == fused_loss
+    lora_bytes = 2 if bf16 else 4  # the CPU's dropout mask is in the LoRA input's dtype too
     acts = activation_bytes(
-        meta, config, batch_size=2, seq_len=128, r=8, lora_dropout=0.05, mask_bytes=4, fused_loss=fused_loss
-    )
+        meta, config, batch_size=2, seq_len=128, r=8, lora_dropout=0.05, mask_bytes=lora_bytes,
+        fused_loss=fused_loss, residual_bytes=2 if bf16 else 4, lora_input_bytes=lora_bytes,
+    )  # fmt: skip
     predicted = (
         acts["with_checkpointing"] - acts["per_layer"] if checkpointing else acts["without_checkpointing"]
     )
@@ -146,6 +157,30 @@ def test_activation_model_against_measured_saved_tensors(checkpointing, fused_lo
     measured = _saved_bytes(model, torch.randint(0, 512, (2, 128)))
     assert model.qlora.report().fused_loss == fused_loss
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+
+
+def test_budget_bound_against_measured_saved_tensors(tmp_path):
+    """activation_memory_budget: what the compiled layers keep is at most the plan's bound,
+    max(with checkpointing, budget x without), and the bf16 policies' plan is what
+    `plan_memory` reports for them."""
+    config = transformers.LlamaConfig(**SMALL_LLAMA)
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_string())
+    for budget in (0.3, 0.8):
+        plan = plan_memory(path, gpu_memory=10**9, r=8, seq_len=128, batch_size=2, lora_dropout=0.0,
+                           activation_memory_budget=budget, **BF16_POLICIES)  # fmt: skip
+        assert plan.settings["activation_memory_budget"] == budget and not plan.settings["fp32_residual"]
+        bound = plan.activations["with_budget"]
+        assert bound == max(
+            plan.activations["with_checkpointing"], int(budget * plan.activations["without_checkpointing"])
+        )
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        qlora_compile.compile(model, r=8, lora_dropout=0.0, backend="aot_eager", activation_memory_budget=budget,
+                              **BF16_POLICIES)  # fmt: skip
+        model.train()
+        measured = _saved_bytes(model, torch.randint(0, 512, (2, 128)), stance="default")
+        assert measured <= bound, (budget, measured, bound)
 
 
 @pytest.mark.parametrize("expert_lora", [False, True])
