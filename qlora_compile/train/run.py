@@ -237,9 +237,8 @@ def _setup(p: Prepared):
     (with its random states, which the caller sets last)."""
     import transformers
 
-    transformers.set_seed(
-        p.cfg.seed
-    )  # before compile: LoRA's initialization draws from it (the same on every rank)
+    # before compile: LoRA's initialization draws from it (the same on every rank)
+    transformers.set_seed(p.cfg.seed)
     model = load_model(p.cfg, p.four_bit, p.ranks)
     plan = loop.plan_steps(len(p.train), p.cfg, p.ranks.world)
     scheduler = loop.make_scheduler(model.qlora.optimizer, p.cfg.schedule, plan)
