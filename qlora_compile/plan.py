@@ -136,16 +136,6 @@ def persistent_breakdown(model: nn.Module, world: int = 1, offload: bool = False
     return out
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    """The longest ModuleList of same-type modules (the decoder / encoder layers)."""
-    best = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
-            if best is None or len(module) > len(best):
-                best = module
-    return best
-
-
 @dataclass
 class Term:
     name: str
@@ -220,9 +210,9 @@ def activation_bytes(
     module docstring says."""
     e, lo = residual_bytes, lora_input_bytes
     t = batch_size * seq_len
-    layers = _decoder_layers(model)
-    n_layers = len(layers) if layers is not None else 0
-    layer = layers[0] if layers is not None else model
+    layers = pipeline.repeated_blocks(model)  # the blocks compile compiles (and checkpointing checkpoints)
+    n_layers = len(layers)
+    layer = layers[0] if layers else model
     lora = [m for m in layer.modules() if isinstance(m, LoRALayer)]  # 4-bit or kept dense
     h = getattr(hf_config, "hidden_size", None) or max((m.in_features for m in lora), default=0)
     heads = getattr(hf_config, "num_attention_heads", 0) or 0
