@@ -39,9 +39,10 @@ def t5_folder(path):
     )
 
 
-def ours(base_dir, seed=1, model_cls=transformers.AutoModelForCausalLM, **overrides):
-    """Our compiled `model_cls` of `base_dir` (fp32, r=R, alpha=ALPHA, no dropout), lora_B random."""
-    model = model_cls.from_pretrained(base_dir, dtype=torch.float32)
+def ours(base_dir, seed=1, model_cls=transformers.AutoModelForCausalLM, dtype=torch.float32, **overrides):
+    """Our compiled `model_cls` of `base_dir` (loaded in `dtype`, fp32 compute unless overridden,
+    r=R, alpha=ALPHA, no dropout), lora_B random."""
+    model = model_cls.from_pretrained(base_dir, dtype=dtype)
     settings = dict(
         r=R, lora_alpha=ALPHA, lora_dropout=0.0, compute_dtype=torch.float32,
         backend="aot_eager", gradient_checkpointing=False,
