@@ -10,7 +10,15 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from qlora_compile import LoRA16Linear
-from tests.peft_oracle import ALPHA, R, assert_lora_grads_match, llama_folder, ours, peft_lora_modules
+from tests.peft_oracle import (
+    ALPHA,
+    R,
+    as_qlora_prepares,
+    assert_lora_grads_match,
+    llama_folder,
+    ours,
+    peft_lora_modules,
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,24 +27,18 @@ def base_dir(tmp_path_factory):
 
 
 def peft_reference(base_dir, our_model, dtype):
-    """PEFT LoRA (all linears, r=R, alpha=ALPHA, dropout 0) on the model in `dtype`, holding our
-    LoRA weights; norms and head in fp32, each base product in `dtype` (a no-op in fp32)."""
+    """PEFT LoRA (all linears, r=R, alpha=ALPHA, dropout 0) on the model in `dtype`, prepared as
+    QLoRA prepares one (`as_qlora_prepares`), holding our LoRA weights."""
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     model = get_peft_model(
         model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear")
     )
-    for name, m in model.named_modules():
-        if "norm" in type(m).__name__.lower() or name.endswith("lm_head"):
-            m.float()
+    as_qlora_prepares(model, dtype)
     layers = dict(our_model.named_modules())
     theirs = peft_lora_modules(model)
     assert set(theirs) == {n for n, m in layers.items() if isinstance(m, LoRA16Linear)} and len(theirs) == 14
-    for name, m in theirs.items():
-        # every linear reads the fp32 stream of the fp32 norms: product in `dtype`, result back to fp32
-        m.base_layer.register_forward_pre_hook(lambda _, args: (args[0].to(dtype), *args[1:]))
-        m.base_layer.register_forward_hook(lambda _, args, out: out.to(torch.float32))
-        assert m.base_layer.weight.dtype == dtype and m.lora_A["default"].weight.dtype == torch.float32
-        with torch.no_grad():
+    with torch.no_grad():
+        for name, m in theirs.items():
             m.lora_A["default"].weight.copy_(layers[name].lora_A.weight)
             m.lora_B["default"].weight.copy_(layers[name].lora_B.weight)
     return model.train()

