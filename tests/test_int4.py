@@ -2,12 +2,14 @@
 fidelity benchmark (`benchmarks/fidelity/int4.py`: round(x * 7 / absmax), half to even), on both
 CPU paths and the Triton kernels; and its refusal wherever bitsandbytes' format is written."""
 
+import copy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import qlora_compile
 from qlora_compile import QLoRAConfig, quantize_weight
 from qlora_compile.checkpoint.convert import ConversionError, convert_checkpoint
 from qlora_compile.codes import bucket_bounds, code4
@@ -16,6 +18,7 @@ from qlora_compile.export import export_nf4, export_onnx
 from qlora_compile.kernels import native
 from qlora_compile.kernels import triton_dequant as td
 from qlora_compile.kernels import triton_matmul as tm
+from tests.models import build, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity"))
 from int4 import quantize_int4  # noqa: E402  (the benchmark's reference, beside its script)
@@ -129,3 +132,19 @@ def test_bitsandbytes_format_refuses_int4(tmp_path):
     with pytest.raises(UnsupportedError, match="MatMulBnb4"):
         export_onnx(tmp_path / "src", None, tmp_path / "out.onnx", quant_type="int4")
     assert not (tmp_path / "dst").exists() and not (tmp_path / "out").exists()
+
+
+def test_compiled_int4_model_equals_reference_weights():
+    """`compile(quant_type="int4")` (aot_eager, fp32) computes the model whose linears hold the
+    reference's dequantized Int4 weights (fp32 weights: no ties, the codes are the reference's)."""
+    model = build(tiny_config("llama"))
+    ref = copy.deepcopy(model)
+    qlora_compile.compile(model, quant_type="int4", compute_dtype=torch.float32, backend="aot_eager",
+                          gradient_checkpointing=False, lora_dropout=0.0)  # fmt: skip
+    linears = [(n, m) for n, m in ref.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
+    assert len(linears) == 14
+    with torch.no_grad():
+        for _, m in linears:
+            m.weight.copy_(quantize_int4(m.weight, blocksize=64, double_quant=True).dequantize())
+    ids = torch.randint(0, 128, (2, 16))
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
