@@ -334,6 +334,11 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig, quantize: Quantize | 
             rewrite_experts(name, module, config, rewrites, quantize=quantize)
             continue
         if type(module) is QuantizedLinear:  # keep its bytes: no dequantize / requantize
+            if config.quant_type == NO_QUANT:
+                raise InvalidConfigError(
+                    f"quant_type='none' (16-bit LoRA), but {name} is already 4-bit (a bitsandbytes folder, "
+                    "load_quantized): load the 16-bit model instead"
+                )
             qw = module.quantized_weight
             layer = QLoRALinear(qw, module.bias, fan_in_fan_out=module.fan_in_fan_out, **config.lora_kwargs())
             replace_module(model, name, module, layer)

@@ -9,7 +9,11 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
+import qlora_compile
 from qlora_compile import LoRA16Linear
+from qlora_compile.errors import InvalidConfigError
+from qlora_compile.modules import quantize_linears_
+from tests.models import build, tiny_config
 from tests.peft_oracle import (
     ALPHA,
     R,
@@ -76,3 +80,12 @@ def test_logits_and_lora_gradients_match_peft(base_dir, dtype):
         assert_lora_grads_match(model, ref)  # the tolerances of the 4-bit PEFT tests
     else:
         assert_bf16_grads_close(model, ref)
+
+
+def test_refuses_a_model_already_4bit():
+    """A 4-bit model (here: its linears quantized in place, as load_quantized leaves them) cannot
+    train as 16-bit LoRA: refused, not silently trained 4-bit."""
+    model = build(tiny_config("llama"))
+    quantize_linears_(model)
+    with pytest.raises(InvalidConfigError, match="already 4-bit"):
+        qlora_compile.compile(model, quant_type="none", backend="aot_eager")
