@@ -2,12 +2,21 @@
 QLoRA vs PEFT 16-bit LoRA, same configuration, one run.
 
     python benchmarks/bench_train.py [--steps 10] [--batch 4] [--seq 512] [--json OUT]
+                                     [--candidates qlora-compile,peft+bnb,...]
+                                     [--device cuda --model llama-1b]
 
 Each candidate runs in its own process (so peak RSS is its own): load SmolLM2-135M-Instruct in
 bf16, apply LoRA r=64, alpha=16, dropout 0.05 on all linear layers, gradient checkpointing on,
 AdamW lr 2e-4; 2 warm-up steps (they include torch.compile for ours), then `--steps` timed steps
 on random tokens. Reported: the first step's seconds (Inductor's compile included, for ours),
 median step seconds and the process's peak RSS.
+
+On a GPU (`--device cuda`, `tools/gpu_check.sh`) the peak is the device's
+(`torch.cuda.max_memory_allocated`), and `--model llama-1b` trains a random Llama of TinyLlama-1.1B's
+shape (saved once under `--cache`; the lent machine has no SmolLM2 package) instead of SmolLM2.
+
+Our precision and recomputation options, one at a time and together, are candidates of their own
+(`--candidates qlora-compile,qlora-compile/lora-bf16,...`, see `OURS`): the per-change gains.
 """
 
 from __future__ import annotations
@@ -22,9 +31,57 @@ import time
 from pathlib import Path
 
 CANDIDATES = ("qlora-compile", "peft+bnb", "peft-16bit")
+# our candidates: compile() overrides on top of the defaults (dtypes by name)
+OURS = {
+    "qlora-compile": {},
+    "qlora-compile/lora-bf16": {"lora_compute_dtype": "bfloat16"},
+    "qlora-compile/bf16-residual": {"fp32_residual": False},
+    "qlora-compile/budget-0.5": {"activation_memory_budget": 0.5},
+    "qlora-compile/all": {
+        "lora_compute_dtype": "bfloat16",
+        "fp32_residual": False,
+        "activation_memory_budget": 0.5,
+    },
+}
 
 
-def run_one(name: str, folder: str, steps: int, batch: int, seq: int, backend: str) -> dict:
+# random-weight models for machines without the SmolLM2 package: name -> LlamaConfig fields
+SYNTHETIC = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+}  # fmt: skip
+
+
+def model_folder(name: str, cache: Path) -> Path:
+    """SmolLM2-135M-Instruct (name "smollm2") or a SYNTHETIC model saved in bf16 under `cache`."""
+    if name == "smollm2":
+        from qlora_compile.tools import assets
+
+        return assets.smollm2_folder(cache)
+    target = cache / name
+    if not (target / "config.json").exists():
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**SYNTHETIC[name], dtype="bfloat16")
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is faster there
+            transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(target)
+    return target
+
+
+def peak_bytes(device: str) -> int:
+    """The peak memory of this process: the device's allocations on CUDA, the RSS on the CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_one(
+    name: str, folder: str, steps: int, batch: int, seq: int, backend: str, device: str = "cpu"
+) -> dict:
     import logging
 
     import torch
@@ -33,11 +90,12 @@ def run_one(name: str, folder: str, steps: int, batch: int, seq: int, backend: s
     logging.disable(logging.WARNING)
     torch.manual_seed(0)
     lora = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05}
-    if name == "qlora-compile":
+    if name in OURS:
         import qlora_compile
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-        qlora_compile.compile(model, **lora, compute_dtype=torch.bfloat16, backend=backend)
+        options = {k: getattr(torch, v) if k.endswith("dtype") else v for k, v in OURS[name].items()}
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+        qlora_compile.compile(model, **lora, compute_dtype=torch.bfloat16, backend=backend, **options)
         params = model.qlora.trainable_parameters()
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -48,11 +106,11 @@ def run_one(name: str, folder: str, steps: int, batch: int, seq: int, backend: s
                 bnb_4bit_compute_dtype=torch.bfloat16,
             )  # fmt: skip
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, quantization_config=quant, device_map="cpu", dtype=torch.bfloat16
+                folder, quantization_config=quant, device_map=device, dtype=torch.bfloat16
             )
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model.config.use_cache = False
@@ -60,7 +118,7 @@ def run_one(name: str, folder: str, steps: int, batch: int, seq: int, backend: s
         params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     optimizer = torch.optim.AdamW(params, lr=2e-4)
-    ids = torch.randint(0, 49152, (batch, seq))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     times, losses = [], []
     for _ in range(2 + steps):
         start = time.perf_counter()
@@ -69,9 +127,9 @@ def run_one(name: str, folder: str, steps: int, batch: int, seq: int, backend: s
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss.item())  # synchronizes a GPU
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_bytes(device)
     return {"name": name, "first_step_s": times[0], "step_s": statistics.median(times[2:]), "peak_rss": peak,
             "losses": losses, "trainable": sum(p.numel() for p in params)}  # fmt: skip
 
@@ -86,19 +144,27 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", help="our torch.compile backend (default inductor)")
     parser.add_argument("--cache", type=Path, default=Path("bench_out"))
     parser.add_argument("--json", type=Path, default=Path("bench_out/train.json"))
+    parser.add_argument("--candidates", default=",".join(CANDIDATES),
+                        help=f"comma-separated, from {', '.join([*OURS, *CANDIDATES[1:]])}")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", *SYNTHETIC])
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one candidate in this process
     args = parser.parse_args()
     if args.one:
-        result = run_one(args.one, str(args.cache), args.steps, args.batch, args.seq, args.backend)
+        result = run_one(
+            args.one, str(args.cache), args.steps, args.batch, args.seq, args.backend, args.device
+        )
         print(json.dumps(result))
         return
-    from qlora_compile.tools import assets
-
-    folder = assets.smollm2_folder(args.cache)
+    folder = model_folder(args.model, args.cache)
     rows = []
-    for name in CANDIDATES:
+    names = args.candidates.split(",")
+    unknown = [n for n in names if n not in OURS and n not in CANDIDATES]
+    if unknown:
+        parser.error(f"unknown candidates {unknown}")
+    for name in names:
         cmd = [sys.executable, __file__, "--one", name, "--cache", str(folder), "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--backend", args.backend]  # fmt: skip
+               "--batch", str(args.batch), "--seq", str(args.seq), "--backend", args.backend, "--device", args.device]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
@@ -106,12 +172,13 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(
             f"{name}: first step {rows[-1]['first_step_s']:.1f} s, then {rows[-1]['step_s']:.2f} s/step, "
-            f"peak RSS {rows[-1]['peak_rss'] / 2**20:.0f} MiB",
+            f"peak {'memory' if args.device != 'cpu' else 'RSS'} {rows[-1]['peak_rss'] / 2**20:.0f} MiB",
             flush=True,
         )
     ours = next((r for r in rows if r["name"] == "qlora-compile"), None)
     print(
-        f"\nSmolLM2-135M, batch {args.batch} x {args.seq} tokens, r=64, bf16, checkpointing, {args.steps} steps\n"
+        f"\n{args.model} on {args.device}, batch {args.batch} x {args.seq} tokens, r=64, bf16, checkpointing, "
+        f"{args.steps} steps\n"
     )
     print(
         "| | first step | step time | peak RSS | ours vs it (time) | ours vs it (RSS) |\n|---|---|---|---|---|---|"

@@ -35,6 +35,10 @@ class QLoRAConfig:
         lora_alpha: LoRA scaling numerator; the branch is scaled by lora_alpha / r.
         use_rslora: rank-stabilized LoRA: scale by lora_alpha / sqrt(r) instead (PEFT's rule).
         lora_dropout: dropout on the LoRA branch's input.
+        lora_compute_dtype: dtype of the LoRA branch's two products: its input and the adapters
+            are cast to it, as `torch.autocast` does to PEFT's layers under Trainer(bf16=True);
+            the adapters, their gradients and the optimizer states stay fp32 (the master copy).
+            None (default): the adapters' dtype, fp32, as PEFT computes without autocast.
         target_modules: "all-linear" (every nn.Linear and transformers Conv1D except the output
             head), a list of module names (the last component, as "q_proj", or a full path), or a
             `filter_fn(module, fqn) -> bool`. "all-linear" also quantizes the 3-D expert weights of
@@ -50,7 +54,20 @@ class QLoRAConfig:
             it: "classifier" / "score" for *ForSequenceClassification and *ForTokenClassification,
             "qa_outputs" for *ForQuestionAnswering; nothing for other models. () for none.
             A name that matches no module raises ValueError at compile, naming the closest ones.
+        fp32_residual: norms in fp32 make the residual stream fp32, and the output head and other
+            dense layers go to fp32 with it, as PEFT's prepare_model_for_kbit_training does
+            (default). False: the norms keep fp32 weights and compute in fp32 but return their
+            input's dtype, so the activations between layers stay in the model's dtype (bf16)
+            and the head stays in it too (the loss still reduces in fp32).
         gradient_checkpointing: turn on the model's own (Hugging Face, non-reentrant) checkpointing.
+        activation_memory_budget: instead of checkpointing whole layers, let AOTAutograd's
+            partitioner choose what each compiled graph saves for backward and what it recomputes
+            (`torch._functorch.config.activation_memory_budget`): the fraction, in [0, 1], of the
+            activations the graph would save without recomputation that it may keep (1: recompute
+            nothing; 0: as little as it can, about what checkpointing keeps). It recomputes the
+            cheap ops first and keeps the matmul outputs. Set, it replaces the model's own
+            checkpointing (gradient_checkpointing is then not applied). Needs backend "inductor"
+            or "aot_eager". None (default): checkpointing as `gradient_checkpointing` says.
         lr, weight_decay: settings of `model.qlora.optimizer` (a `qlora_compile.optim.PagedAdamW`).
         max_grad_norm: `model.qlora.step()` clips gradients to this global norm; None: no clipping.
         paged: page optimizer states out of device memory beyond `device_budget`.
@@ -89,11 +106,14 @@ class QLoRAConfig:
     r: int = 64
     lora_alpha: float = 16
     lora_dropout: float = 0.05
+    lora_compute_dtype: torch.dtype | None = None
     use_rslora: bool = False
     target_modules: str | Sequence[str] | FilterFn = "all-linear"
     target_parameters: Sequence[str] = ()
     modules_to_save: Sequence[str] | None = None
+    fp32_residual: bool = True
     gradient_checkpointing: bool = True
+    activation_memory_budget: float | None = None
     lr: float = 2e-4
     weight_decay: float = 0.0
     max_grad_norm: float | None = 0.3
@@ -111,6 +131,7 @@ class QLoRAConfig:
         _one_of("quant_type", self.quant_type, (*QUANT_TYPES, NO_QUANT))
         _one_of("blocksize", self.blocksize, BLOCKSIZES)
         _one_of("compute_dtype", self.compute_dtype, tuple(FLOAT_DTYPES.values()))
+        _one_of("lora_compute_dtype", self.lora_compute_dtype, (None, *FLOAT_DTYPES.values()))
         _one_of("optim_bits", self.optim_bits, (32, 8))
         _one_of("backend", self.backend, _BACKENDS)
         _one_of("compile_scope", self.compile_scope, _SCOPES)
@@ -141,6 +162,15 @@ class QLoRAConfig:
                 "clipping (max_grad_norm) is impossible: set clip_per_parameter=True to clip each "
                 "gradient on its own, or max_grad_norm=None"
             )
+        budget = self.activation_memory_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 <= budget <= 1:
+                raise InvalidConfigError(f"activation_memory_budget must be in [0, 1] or None, got {budget!r}")
+            if self.backend == "eager":
+                raise InvalidConfigError(
+                    "activation_memory_budget is applied by AOTAutograd's partitioner: it needs backend "
+                    "'inductor' or 'aot_eager', not 'eager'"
+                )
         if self.weight_decay < 0:
             raise InvalidConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check_target_parameters(self)
@@ -175,6 +205,7 @@ class QLoRAConfig:
             lora_dropout=self.lora_dropout,
             use_rslora=self.use_rslora,
             compute_dtype=self.compute_dtype,
+            lora_compute_dtype=self.lora_compute_dtype,
         )
 
     def with_overrides(self, **overrides) -> QLoRAConfig:

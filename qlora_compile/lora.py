@@ -5,7 +5,10 @@
 
 as PEFT's `lora.Linear4bit` computes it: the base product runs in `compute_dtype` (the input is
 cast to it and the result cast back), the LoRA branch in the adapters' dtype (fp32), and the two
-are added in the input's dtype. `lora_A` is kaiming-uniform (a = sqrt(5)) and `lora_B` zeros, so
+are added in the input's dtype. With `lora_compute_dtype` (bf16, say) the branch's input and
+weights are cast to that dtype for its two products instead, as PEFT's layers compute under
+`torch.autocast` (Trainer's `bf16=True`); the weights, their gradients and the optimizer's states
+stay in the adapters' dtype, the master copy. `lora_A` is kaiming-uniform (a = sqrt(5)) and `lora_B` zeros, so
 the layer starts equal to the base. The names (`lora_A`, `lora_B`, `r`, `lora_alpha`) and the
 state-dict keys (`<path>.lora_A.weight`) are PEFT's. `LoRALinear` is the same branch on a dense
 `nn.Linear` (PEFT's `lora.Linear`), for linears kept dense; `LoRALayer` holds what the two share.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError
@@ -42,8 +46,10 @@ class LoRALayer:
         use_rslora: bool,
         device,
         adapter_dtype: torch.dtype,
+        lora_compute_dtype: torch.dtype | None = None,
     ) -> None:
         self._new_adapters(r, device, adapter_dtype)
+        self.lora_compute_dtype = lora_compute_dtype
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.set_scale(lora_alpha, use_rslora)
 
@@ -78,6 +84,17 @@ class LoRALayer:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """`lora_B(lora_A(dropout(x))) * scaling`, in `lora_compute_dtype` when one is set (the
+        input is cast before the dropout, so its mask is drawn over the smaller copy) and in the
+        adapters' dtype otherwise."""
+        dtype = self.lora_A.weight.dtype
+        if self.lora_compute_dtype in (None, dtype):
+            return self.lora_B(self.lora_A(self.lora_dropout(x.to(dtype)))) * self.scaling
+        dtype = self.lora_compute_dtype
+        xa = F.linear(self.lora_dropout(x.to(dtype)), self.lora_A.weight.to(dtype))
+        return F.linear(xa, self.lora_B.weight.to(dtype)) * self.scaling
+
 
 class QLoRALinear(LoRALayer, QuantizedLinear):
     """A `QuantizedLinear` plus LoRA adapters.
@@ -89,6 +106,7 @@ class QLoRALinear(LoRALayer, QuantizedLinear):
         use_rslora: scale by lora_alpha / sqrt(r) instead of lora_alpha / r.
         compute_dtype: dtype of the base product.
         adapter_dtype: dtype of `lora_A` and `lora_B` (fp32, as PEFT keeps them).
+        lora_compute_dtype: dtype of the LoRA products; None: the adapters' dtype.
         fan_in_fan_out: the replaced module stored its weight as (in, out) (a transformers
             `Conv1D`): `.weight` answers in that layout (see `QuantizedLinear`).
     """
@@ -105,10 +123,13 @@ class QLoRALinear(LoRALayer, QuantizedLinear):
         use_rslora: bool = False,
         compute_dtype: torch.dtype = torch.bfloat16,
         adapter_dtype: torch.dtype = torch.float32,
+        lora_compute_dtype: torch.dtype | None = None,
     ):
         super().__init__(weight, bias, fan_in_fan_out=fan_in_fan_out)
         self.compute_dtype = compute_dtype
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, weight.device, adapter_dtype)
+        self._init_lora(
+            r, lora_alpha, lora_dropout, use_rslora, weight.device, adapter_dtype, lora_compute_dtype
+        )
 
     @classmethod
     def from_dense(
@@ -130,8 +151,7 @@ class QLoRALinear(LoRALayer, QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = super().forward(x.to(self.compute_dtype))
-        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
-        return base.to(x.dtype) + lora.to(x.dtype)
+        return base.to(x.dtype) + self.lora_branch(x).to(x.dtype)
 
     def extra_repr(self) -> str:
         rs = ", use_rslora=True" if self.use_rslora else ""
@@ -151,7 +171,7 @@ class LoRALinear(LoRALayer, nn.Linear):
 
     Args:
         base: the dense layer; its parameters are taken over.
-        r, lora_alpha, lora_dropout, use_rslora, adapter_dtype: as `QLoRALinear`.
+        r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, lora_compute_dtype: as `QLoRALinear`.
     """
 
     def __init__(
@@ -163,17 +183,19 @@ class LoRALinear(LoRALayer, nn.Linear):
         lora_dropout: float = 0.05,
         use_rslora: bool = False,
         adapter_dtype: torch.dtype = torch.float32,
+        lora_compute_dtype: torch.dtype | None = None,
     ):
         nn.Module.__init__(self)
         self.fan_in_fan_out = False  # an nn.Linear: (out, in)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, base.weight.device, adapter_dtype)
+        self._init_lora(
+            r, lora_alpha, lora_dropout, use_rslora, base.weight.device, adapter_dtype, lora_compute_dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = super().forward(x)
-        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
-        return (base + lora).to(base.dtype)  # PEFT's order: add, then back to the base's dtype
+        return (base + self.lora_branch(x)).to(base.dtype)  # PEFT's order: add, then back to the base's dtype
 
     def extra_repr(self) -> str:
         rs = ", use_rslora=True" if self.use_rslora else ""

@@ -420,16 +420,19 @@ def rewrite_experts(
     module.train(module.training)  # its new children take the module's mode
 
 
-def _freeze_and_upcast_norms(model: nn.Module, saved: list[str] = ()) -> None:
+def _freeze_and_upcast_norms(model: nn.Module, saved: list[str] = (), fp32_residual: bool = True) -> None:
     """Freeze all but the adapters and the `saved` modules (modules_to_save, trained in full);
     norms to fp32, as QLoRA does.
 
-    fp32 norms turn the residual stream fp32, so dense layers left unquantized (the output head)
-    go to fp32 too, as PEFT's prepare_model_for_kbit_training does: the logits are then made in
-    fp32 directly, which the loss needs anyway (a 16-bit head would add a 16-bit copy of them).
+    With `fp32_residual` (PEFT's prepare_model_for_kbit_training policy), fp32 norms turn the
+    residual stream fp32, so dense layers left unquantized (the output head) go to fp32 too: the
+    logits are then made in fp32 directly, which the loss needs anyway (a 16-bit head would add a
+    16-bit copy of them). MoE routers (`MixtralTopKRouter`, ...: a bare weight, not an
+    `nn.Linear`) read that stream too, so they go to fp32 as well (a 16-bit router fails on fp32
+    hidden states). Without it, the norms compute in fp32 and return their input's dtype, so the
+    stream stays in the model's dtype (half the activation bytes, no casts between layers), and
+    the other dense layers keep theirs.
     Saved modules go to fp32 whole: their parameters are trained, as the adapters are, in fp32.
-    MoE routers (`MixtralTopKRouter`, ...: a bare weight, not an `nn.Linear`) read that stream
-    too, so they go to fp32 as well (a 16-bit router fails on fp32 hidden states).
     """
     for name, param in model.named_parameters():
         lora = ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
@@ -439,8 +442,17 @@ def _freeze_and_upcast_norms(model: nn.Module, saved: list[str] = ()) -> None:
         # LoRALinear (a linear kept dense): all fp32; QLoRALinear and LoRA16Linear keep their base
         dense = isinstance(module, kinds) and not isinstance(module, (QLoRALinear, LoRA16Linear))
         kind = type(module).__name__.lower()
-        if dense or "norm" in kind or "router" in kind or name in saved:
+        if "norm" in kind or name in saved or (fp32_residual and (dense or "router" in kind)):
             module.float()
+        if "norm" in kind and not fp32_residual:
+            module.register_forward_hook(_to_input_dtype)
+
+
+def _to_input_dtype(module: nn.Module, args: tuple, output):
+    """A forward hook: an fp32 norm's output back in its input's dtype (`fp32_residual=False`)."""
+    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        return output.to(args[0].dtype)
+    return output
 
 
 class QLoRAHandle:
@@ -643,8 +655,9 @@ def prepare_model(model: nn.Module, config: QLoRAConfig, quantize: Quantize | No
     dense = dense_lora_targets(model, config)  # before the rewrite: after it, 4-bit layers are not nn.Linear
     report = Report(rewrite_storage(model, config, quantize))
     report.dense_lora = add_dense_lora(model, config, dense)
-    _freeze_and_upcast_norms(model, saved)
-    if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+    _freeze_and_upcast_norms(model, saved, config.fp32_residual)
+    checkpointing = config.gradient_checkpointing and config.activation_memory_budget is None
+    if checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         _enable_checkpointing(model)
     return report
 

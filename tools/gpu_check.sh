@@ -5,7 +5,7 @@
 # Prepare here, once:  echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
-# Then: device run, carry [".whl"], command "bash tools/gpu_check.sh", timeout about 420 s.
+# Then: device run, carry [".whl"], command "bash tools/gpu_check.sh", timeout about 600 s.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -23,5 +23,11 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/optim/t
 tests=${PIPESTATUS[0]}
 timeout 200 python3 benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
 bench=${PIPESTATUS[0]}
-echo "tests exit $tests, benchmark exit $bench" | tee -a "$OUT/gpu.txt"
-exit $(( tests != 0 || bench != 0 ))
+# a QLoRA training step on a random Llama of TinyLlama-1.1B's shape: ours (defaults, and the
+# opt-in precision and recomputation options) against PEFT + bitsandbytes, device memory peaks
+timeout 200 python3 benchmarks/bench_train.py --device cuda --model llama-1b --steps 5 --batch 4 --seq 1024 \
+  --candidates qlora-compile,qlora-compile/all,peft+bnb --cache /tmp/bench_cache \
+  --json "$OUT/bench_train_gpu.json" 2>&1 | tee "$OUT/bench_train_gpu.md"
+train=${PIPESTATUS[0]}
+echo "tests exit $tests, benchmark exit $bench, training benchmark exit $train" | tee -a "$OUT/gpu.txt"
+exit $(( tests != 0 || bench != 0 || train != 0 ))

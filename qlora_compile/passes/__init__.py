@@ -7,7 +7,8 @@
 `make_backend` runs them in that order on every graph Dynamo captures (sub-graphs included),
 adds their counts to the compile report, then hands the graph to Inductor / aot_eager / eager
 (for eager, after `eager_checkpoint`: checkpointed layers recompute with the forward's random
-state).
+state). With `activation_memory_budget`, AOTAutograd partitions under that budget (for aot_eager
+through Dynamo's `aot_eager_decomp_partition`, which partitions as Inductor does).
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def make_backend(config, report):
         if config.backend == "eager":
             eager_checkpoint(gm)
             return gm.forward
-        return torch._dynamo.lookup_backend(config.backend)(gm, example_inputs)
+        budget = config.activation_memory_budget
+        if budget is None:
+            return torch._dynamo.lookup_backend(config.backend)(gm, example_inputs)
+        # aot_eager saves every activation (its partitioner has no budget); this one partitions
+        # by min-cut, as Inductor does, under the budget
+        name = "aot_eager_decomp_partition" if config.backend == "aot_eager" else config.backend
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return torch._dynamo.lookup_backend(name)(gm, example_inputs)
 
     return backend

@@ -283,8 +283,9 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
     values = {k: _number(k, v) for k, v in values.items()}
     top = {k: v for k, v in values.items() if not k.startswith("qlora.")}
     qlora = {k.removeprefix("qlora."): v for k, v in values.items() if k.startswith("qlora.")}
-    if "compute_dtype" in qlora:
-        qlora["compute_dtype"] = parse_dtype(qlora["compute_dtype"], "qlora.compute_dtype")
+    for name in ("compute_dtype", "lora_compute_dtype"):
+        if qlora.get(name) is not None:
+            qlora[name] = parse_dtype(qlora[name], f"qlora.{name}")
     try:
         top["qlora"] = QLoRAConfig(**qlora)
     except TypeError as e:  # a value of the wrong kind deep inside QLoRAConfig's checks
