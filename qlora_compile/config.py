@@ -165,7 +165,9 @@ class QLoRAConfig:
         budget = self.activation_memory_budget
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 <= budget <= 1:
-                raise InvalidConfigError(f"activation_memory_budget must be in [0, 1] or None, got {budget!r}")
+                raise InvalidConfigError(
+                    f"activation_memory_budget must be in [0, 1] or None, got {budget!r}"
+                )
             if self.backend == "eager":
                 raise InvalidConfigError(
                     "activation_memory_budget is applied by AOTAutograd's partitioner: it needs backend "
