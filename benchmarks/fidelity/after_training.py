@@ -188,21 +188,26 @@ def _spread(values: list[float]) -> str:
 
 
 def task_table(rows: list[dict], task: str) -> list[str]:
-    """Markdown rows for one task: loss before, after (mean ± sd over seeds, range), and the paired
-    gap to bf16 LoRA (the same seed's run: same initialization, dropout and batches)."""
+    """Markdown rows for one task: held-out loss before and after (mean ± sd over seeds, range),
+    and the gap to bf16 LoRA after training, paired by seed (the same seed's bf16 run: the same
+    initialization, dropout and batches), also in units of bf16 LoRA's own seed-to-seed sd."""
     by = {(r["dtype"], r["seed"]): r for r in rows if r["task"] == task}
     base = {s: r["eval_loss_after"] for (d, s), r in by.items() if d == BASELINE}
+    base_sd = statistics.stdev(base.values()) if len(base) > 1 else float("nan")
     lines = ["| data type | seeds | held-out loss before | after (mean ± sd) | after, min .. max | "
-             "gap to bf16 LoRA, paired (mean ± sd) |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "gap to bf16 LoRA after, paired (mean ± sd) | gap / bf16 seed sd |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for dtype in DTYPES:
         runs = sorted((r for (d, _), r in by.items() if d == dtype), key=lambda r: r["seed"])
         if not runs:
             continue
         after = [r["eval_loss_after"] for r in runs]
         gaps = [r["eval_loss_after"] - base[r["seed"]] for r in runs if r["seed"] in base]
-        gap = "-" if dtype == BASELINE or not gaps else f"{_spread(gaps)} (n={len(gaps)})"
+        gap, ratio = "-", "-"
+        if dtype != BASELINE and gaps:
+            gap, ratio = f"{_spread(gaps)} (n={len(gaps)})", f"{statistics.fmean(gaps) / base_sd:.1f}"
         lines.append(f"| {dtype} | {len(runs)} | {statistics.fmean(r['eval_loss_before'] for r in runs):.4f} | "
-                     f"{_spread(after)} | {min(after):.4f} .. {max(after):.4f} | {gap} |")  # fmt: skip
+                     f"{_spread(after)} | {min(after):.4f} .. {max(after):.4f} | {gap} | {ratio} |")  # fmt: skip
     return lines
 
 
@@ -216,8 +221,13 @@ def write_report(out: Path, target: Path) -> None:
         "",
     ]
     for task in TASKS:
-        if any(r["task"] == task for r in rows):
-            lines += [f"### {task}", "", *task_table(rows, task), ""]
+        runs = [r for r in rows if r["task"] == task]
+        if runs:
+            held, kept = runs[0]["eval_examples"], runs[0]["train_examples"]
+            wall = statistics.median(r["wall_seconds"] for r in runs)
+            lines += [f"### {task}", "", f"{held} held-out examples, {kept} training examples (batch 4: "
+                      f"{4 * runs[0]['steps']} of them seen); median wall time per run {wall:.0f} s.", "",
+                      *task_table(rows, task), ""]  # fmt: skip
     target.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
