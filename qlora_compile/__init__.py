@@ -5,11 +5,12 @@ from .checkpoint import ConversionError, convert_checkpoint, load_quantized
 from .config import QLoRAConfig
 from .export import export_merged, export_nf4, export_onnx
 from .format import QuantizedWeight, quantize_weight
-from .lora import LoRALinear, QLoRALinear
+from .lora import LoRA16Linear, LoRALinear, QLoRALinear
 from .pipeline import compile
 
 __all__ = [
     "ConversionError",
+    "LoRA16Linear",
     "LoRALinear",
     "QLoRAConfig",
     "QLoRALinear",

@@ -14,8 +14,10 @@ import torch
 
 from .errors import InvalidArgumentError
 
-QuantType = Literal["nf4", "fp4"]
-QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+QuantType = Literal["nf4", "fp4", "int4"]
+QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4", "int4")
+# The 4-bit types bitsandbytes (and so its checkpoints, transformers and ONNX Runtime) knows.
+BNB_QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # double quantization groups absmax values in blocks of 256
 
@@ -42,6 +44,12 @@ _NF4 = [
 # Entry 8 (sign bit set, zero) is +0.0 as in bitsandbytes, whose table writes the int `-0`: the
 # quant_map bytes it serializes hold +0 there.
 _FP4_RAW = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+# Int4 (the paper's third data type; not a bitsandbytes type): symmetric absmax, the 4-bit value
+# q + 7 stores q / 7 for q in -7..7. The 16th entry repeats +1.0 last, so the midpoint between the
+# two is 1.0 itself: scaled values are clamped to [-1, 1] and a tie goes to the lower code, so that
+# slot is never chosen (a value of exactly +absmax stores 14). 15 levels, symmetric around 0.
+INT4_LEVELS = 7
+_INT4 = [q / INT4_LEVELS for q in range(-INT4_LEVELS, INT4_LEVELS + 1)] + [1.0]
 
 
 @functools.cache
@@ -52,6 +60,8 @@ def code4(quant_type: str) -> torch.Tensor:
     if quant_type == "fp4":
         raw = torch.tensor(_FP4_RAW, dtype=torch.float32)
         return raw / raw.abs().max()
+    if quant_type == "int4":
+        return torch.tensor(_INT4, dtype=torch.float32)  # q / 7 in float64, rounded once to fp32
     raise InvalidArgumentError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 

@@ -15,6 +15,7 @@ from .errors import InvalidConfigError
 FilterFn = Callable[[nn.Module, str], bool]
 _BACKENDS = ("inductor", "aot_eager", "eager")
 _SCOPES = ("layers", "model")
+NO_QUANT = "none"  # quant_type of 16-bit LoRA: the base is not quantized
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,11 @@ class QLoRAConfig:
     """Configuration of `qlora_compile.compile` (defaults from Dettmers et al., 2023).
 
     Attributes:
-        quant_type: 4-bit data type of the frozen base weights, "nf4" or "fp4".
+        quant_type: data type of the frozen base weights: "nf4" or "fp4" (bitsandbytes' 4-bit
+            types), "int4" (symmetric absmax, 15 levels; not a bitsandbytes type, so never written
+            to or read from a bitsandbytes folder), or "none": no quantization, the base keeps its
+            16-bit weights (`LoRA16Linear`: 16-bit LoRA with everything else as QLoRA does it, the
+            paper's baseline). blocksize and double_quant do not apply to "none".
         blocksize: elements per absmax block, a power of two from 32 to 4096.
         double_quant: quantize the absmax values too (4.127 instead of 4.5 bits per parameter).
         compute_dtype: dtype the base matmul runs in (inputs are cast to it, outputs cast back).
@@ -123,7 +128,7 @@ class QLoRAConfig:
     fused_loss: bool = True
 
     def __post_init__(self) -> None:
-        _one_of("quant_type", self.quant_type, QUANT_TYPES)
+        _one_of("quant_type", self.quant_type, (*QUANT_TYPES, NO_QUANT))
         _one_of("blocksize", self.blocksize, BLOCKSIZES)
         _one_of("compute_dtype", self.compute_dtype, tuple(FLOAT_DTYPES.values()))
         _one_of("lora_compute_dtype", self.lora_compute_dtype, (None, *FLOAT_DTYPES.values()))
@@ -171,6 +176,11 @@ class QLoRAConfig:
         if self.weight_decay < 0:
             raise InvalidConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check_target_parameters(self)
+        if self.quant_type == NO_QUANT and self.target_parameters:
+            raise InvalidConfigError(
+                "quant_type='none' keeps MoE expert weights as they are, without LoRA: target_parameters "
+                f"{list(self.target_parameters)} needs a 4-bit quant_type"
+            )
         _check_modules_to_save(self)
         targets = self.target_modules
         if isinstance(targets, str):

@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .codes import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code4, dynamic_map
+from .codes import BLOCKSIZES, BNB_QUANT_TYPES, NESTED_BLOCKSIZE, QUANT_TYPES, code4, dynamic_map
 from .dtypes import FLOAT_DTYPES, check_float_dtype, dtype_name
-from .errors import InvalidArgumentError, InvalidFolderError
+from .errors import InvalidArgumentError, InvalidFolderError, UnsupportedError
 from .kernels import cpu as _torch_kernels
 from .kernels import dispatch, ops, ops_cat, ops_experts  # noqa: F401  (registers torch.ops.qlora)
 
@@ -129,7 +129,12 @@ class QuantizedWeight:
         Keys: `<prefix>.weight`, `.weight.absmax`, `.weight.quant_map`, and when double-quantized
         `.weight.nested_absmax`, `.weight.nested_quant_map`; then
         `.weight.quant_state.bitsandbytes__<quant_type>` (the JSON state as uint8 bytes).
+
+        Raises:
+            NotImplementedError: an "int4" weight (bitsandbytes has no such type: nothing could
+                read the entries back).
         """
+        check_bnb_quant_type(self.quant_type, "a bitsandbytes 4-bit checkpoint")
         key = f"{prefix}.weight" if prefix else "weight"
         out = {
             key: self.packed,
@@ -184,6 +189,15 @@ def quantize_weight(
     return qw
 
 
+def check_bnb_quant_type(quant_type: str, what: str) -> None:
+    """Refuse a 4-bit type that bitsandbytes' format cannot hold (Int4) where `what` is written."""
+    if quant_type not in BNB_QUANT_TYPES:
+        raise UnsupportedError(
+            f"{what} holds bitsandbytes' 4-bit types {BNB_QUANT_TYPES} only, not {quant_type!r}: bitsandbytes "
+            "(and transformers, vLLM, ONNX Runtime's MatMulBnb4) has no Int4 code; train or export with nf4 or fp4"
+        )
+
+
 def _raise_nonfinite(w: torch.Tensor) -> None:
     """Count and locate NaN/Inf (a second pass, taken only when the quantizer saw one)."""
     bad = ~torch.isfinite(w.detach())
@@ -219,7 +233,7 @@ def _from_bnb(tensors: dict[str, torch.Tensor], key: str) -> QuantizedWeight:
         raise InvalidFolderError(f"expected one '{key}{QUANT_STATE}*' entry, found {states}")
     state = json.loads(bytes(tensors[states[0]].tolist()).decode("utf-8"))
     quant_type, blocksize = state["quant_type"], int(state["blocksize"])
-    if quant_type not in QUANT_TYPES or blocksize not in BLOCKSIZES:
+    if quant_type not in BNB_QUANT_TYPES or blocksize not in BLOCKSIZES:
         raise InvalidFolderError(f"{states[0]}: unsupported quant_type/blocksize {quant_type}/{blocksize}")
     if state["dtype"] not in FLOAT_DTYPES:
         raise InvalidFolderError(f"{states[0]}: unsupported dtype {state['dtype']!r}")

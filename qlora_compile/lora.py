@@ -200,3 +200,35 @@ class LoRALinear(LoRALayer, nn.Linear):
     def extra_repr(self) -> str:
         rs = ", use_rslora=True" if self.use_rslora else ""
         return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}{rs}"
+
+
+class LoRA16Linear(LoRALinear):
+    """A frozen 16-bit `nn.Linear` plus LoRA, computed as `QLoRALinear` computes it: the
+    16-bit LoRA baseline of QLoRA (`QLoRAConfig(quant_type="none")`).
+
+        y = (x_c W_c^T + b_c).to(x.dtype) + lora_branch(x).to(x.dtype)
+
+    where `_c` means cast to `compute_dtype`. Only the base weight's storage differs from a 4-bit
+    `QLoRALinear`: it keeps its dtype (bf16 from a bf16 model) instead of a 4-bit code, so the
+    rest of the model (norms and residual stream, adapters, `lora_compute_dtype`) is the same in
+    both runs and a comparison measures the data type alone. `weight` and `bias` stay the original
+    parameters.
+
+    Args:
+        base: the dense layer; its parameters are taken over (frozen, in their dtype).
+        compute_dtype: dtype of the base product.
+        r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, lora_compute_dtype: as `QLoRALinear`.
+    """
+
+    def __init__(self, base: nn.Linear, *, compute_dtype: torch.dtype = torch.bfloat16, **lora):
+        super().__init__(base, **lora)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(c)
+        base = nn.functional.linear(x.to(c), self.weight.to(c), bias)
+        return base.to(x.dtype) + self.lora_branch(x).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, compute_dtype={self.compute_dtype}"

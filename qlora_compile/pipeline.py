@@ -31,10 +31,10 @@ from torch import nn
 
 from . import experts as _experts
 from .checkpoint.skeleton import linear_kinds, modules_to_not_convert, should_convert
-from .config import QLoRAConfig
-from .errors import InvalidArgumentError, InvalidConfigError
+from .config import NO_QUANT, QLoRAConfig
+from .errors import InvalidArgumentError, InvalidConfigError, UnsupportedError
 from .format import QuantizedWeight, quantize_weight
-from .lora import LoRALayer, LoRALinear, QLoRALinear
+from .lora import LoRA16Linear, LoRALayer, LoRALinear, QLoRALinear
 from .loss import fusable_head, fuse_causal_lm_loss
 from .modules import QuantizedLinear
 
@@ -295,12 +295,23 @@ def quantizer(config: QLoRAConfig) -> Quantize:
     return quantize
 
 
-def _new_layer(module: nn.Module, config: QLoRAConfig, quantize: Quantize) -> QLoRALinear:
+def _new_layer(module: nn.Module, config: QLoRAConfig, quantize: Quantize) -> QLoRALinear | LoRA16Linear:
     weight = _dense_weight(module)
     if not weight.dtype.is_floating_point:
         raise TypeError(f"weight dtype {weight.dtype} is not a float dtype (already quantized?)")
+    if config.quant_type == NO_QUANT:
+        if not isinstance(module, nn.Linear):
+            raise UnsupportedError(f"quant_type='none' wraps nn.Linear only, not {type(module).__name__}")
+        return LoRA16Linear(module, **config.lora_kwargs())
     fan_in_fan_out = not isinstance(module, nn.Linear)  # Conv1D stores (in, out), as PEFT notes
     return QLoRALinear(quantize(weight), module.bias, fan_in_fan_out=fan_in_fan_out, **config.lora_kwargs())
+
+
+def _stored_bytes(layer: nn.Module) -> int:
+    """Bytes of a new layer's frozen base weight: 4-bit storage, or the 16-bit weight kept."""
+    if isinstance(layer, QLoRALinear):
+        return layer.quantized_weight.nbytes
+    return layer.weight.numel() * layer.weight.element_size()
 
 
 def rewrite_storage(model: nn.Module, config: QLoRAConfig, quantize: Quantize | None = None) -> list[Rewrite]:
@@ -315,9 +326,19 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig, quantize: Quantize | 
     for name, module in select_targets(model, config):
         kind = type(module).__name__
         if _experts.is_experts(module):
+            if config.quant_type == NO_QUANT:  # stays as it is: frozen, 16-bit, no LoRA
+                rewrites.append(
+                    Rewrite(name, kind, (0, 0), 0, skipped="quant_type='none': experts kept 16-bit")
+                )
+                continue
             rewrite_experts(name, module, config, rewrites, quantize=quantize)
             continue
         if type(module) is QuantizedLinear:  # keep its bytes: no dequantize / requantize
+            if config.quant_type == NO_QUANT:
+                raise InvalidConfigError(
+                    f"quant_type='none' (16-bit LoRA), but {name} is already 4-bit (a bitsandbytes folder, "
+                    "load_quantized): load the 16-bit model instead"
+                )
             qw = module.quantized_weight
             layer = QLoRALinear(qw, module.bias, fan_in_fan_out=module.fan_in_fan_out, **config.lora_kwargs())
             replace_module(model, name, module, layer)
@@ -331,12 +352,12 @@ def rewrite_storage(model: nn.Module, config: QLoRAConfig, quantize: Quantize | 
         rewrites.append(record)
         try:
             layer = _new_layer(module, config, quantize)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, NotImplementedError) as e:
             record.skipped = str(e)
             logger.warning("qlora_compile: skipping %s: %s", name, e)
             continue
         replace_module(model, name, module, layer)
-        record.bytes_after = layer.quantized_weight.nbytes
+        record.bytes_after = _stored_bytes(layer)
         del module, weight, layer  # the dense weight goes now, not at the end of the loop
     return rewrites
 
@@ -418,7 +439,8 @@ def _freeze_and_upcast_norms(model: nn.Module, saved: list[str] = (), fp32_resid
         param.requires_grad_(lora or inside(name.rpartition(".")[0], saved))
     kinds = linear_kinds()
     for name, module in model.named_modules():
-        dense = isinstance(module, kinds) and not isinstance(module, QLoRALinear)  # LoRALinear: all fp32
+        # LoRALinear (a linear kept dense): all fp32; QLoRALinear and LoRA16Linear keep their base
+        dense = isinstance(module, kinds) and not isinstance(module, (QLoRALinear, LoRA16Linear))
         kind = type(module).__name__.lower()
         if "norm" in kind or name in saved or (fp32_residual and (dense or "router" in kind)):
             module.float()

@@ -39,9 +39,10 @@ def t5_folder(path):
     )
 
 
-def ours(base_dir, seed=1, model_cls=transformers.AutoModelForCausalLM, **overrides):
-    """Our compiled `model_cls` of `base_dir` (fp32, r=R, alpha=ALPHA, no dropout), lora_B random."""
-    model = model_cls.from_pretrained(base_dir, dtype=torch.float32)
+def ours(base_dir, seed=1, model_cls=transformers.AutoModelForCausalLM, dtype=torch.float32, **overrides):
+    """Our compiled `model_cls` of `base_dir` (loaded in `dtype`, fp32 compute unless overridden,
+    r=R, alpha=ALPHA, no dropout), lora_B random."""
+    model = model_cls.from_pretrained(base_dir, dtype=dtype)
     settings = dict(
         r=R, lora_alpha=ALPHA, lora_dropout=0.0, compute_dtype=torch.float32,
         backend="aot_eager", gradient_checkpointing=False,
@@ -93,6 +94,22 @@ def assert_lora_grads_match(our_model, ref, rtol: float = 1e-4, atol: float = 1e
             grad = getattr(layers[name], f"lora_{ab}").weight.grad
             grad_ref = getattr(m, f"lora_{ab}")["default"].weight.grad
             torch.testing.assert_close(grad, grad_ref, rtol=rtol, atol=atol, msg=f"{name}.lora_{ab}")
+
+
+def as_qlora_prepares(model, dtype: torch.dtype):
+    """Prepare PEFT LoRA on a 16-bit (`dtype`) base as `compile` prepares a model, in place: norms
+    and output head in fp32 (as `prepare_model_for_kbit_training` leaves a 4-bit model), and each
+    LoRA base layer's product in `dtype` on its input cast to `dtype`, cast back to fp32 (as
+    bitsandbytes' Linear4bit does with its compute dtype; every linear reads the fp32 stream of the
+    fp32 norms). The reference for `quant_type="none"` (`LoRA16Linear`)."""
+    for name, m in model.named_modules():
+        if "norm" in type(m).__name__.lower() or name.endswith("lm_head"):
+            m.float()
+    for m in peft_lora_modules(model).values():
+        m.base_layer.register_forward_pre_hook(lambda _, args: (args[0].to(dtype), *args[1:]))
+        m.base_layer.register_forward_hook(lambda _, args, out: out.to(torch.float32))
+        assert m.base_layer.weight.dtype == dtype and m.lora_A["default"].weight.dtype == torch.float32
+    return model
 
 
 def peft_reference(

@@ -172,7 +172,8 @@ def test_nonfinite_many():
         (torch.empty(0, 4), {}, ValueError, "empty tensor"),
         (torch.ones(64), {"blocksize": 48}, ValueError, "blocksize must be one of"),
         (torch.ones(64), {"blocksize": 8192}, ValueError, "blocksize must be one of"),
-        (torch.ones(64), {"quant_type": "int4"}, ValueError, "quant_type must be one of"),
+        (torch.ones(64), {"quant_type": "int8"}, ValueError, "quant_type must be one of"),
+        (torch.ones(64), {"quant_type": "none"}, ValueError, "quant_type must be one of"),
         ([1.0, 2.0], {}, TypeError, "expected a torch.Tensor"),
     ],
 )
@@ -185,7 +186,7 @@ def test_torch_path_matches_native_path():
     """The vectorized torch path (any device) and the native CPU kernel give the same bytes."""
     assert native.available(), "the native CPU kernel failed to build (see the logged warning)"
     w = torch.randn(333, 257, dtype=torch.bfloat16)
-    for qt in ("nf4", "fp4"):
+    for qt in ("nf4", "fp4", "int4"):
         for bs in (32, 64, 4096):
             p1, a1, _ = cpu.quantize_4bit(w.view(-1), qt, bs)
             p2, a2, _ = native.quantize_4bit(w.view(-1), qt, bs)

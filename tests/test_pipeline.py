@@ -260,7 +260,7 @@ def test_unquantizable_module_is_skipped_and_reported():
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        ({"quant_type": "int4"}, "quant_type must be one of"),
+        ({"quant_type": "int8"}, "quant_type must be one of"),
         ({"blocksize": 48}, "blocksize must be one of"),
         ({"r": 0}, "r must be a positive int"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),

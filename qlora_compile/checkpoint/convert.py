@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..codes import BLOCKSIZES, QUANT_TYPES
+from ..codes import BLOCKSIZES, BNB_QUANT_TYPES
 from ..dtypes import parse_dtype
 from ..format import QuantizedWeight, quantize_weight
 from ..kernels import cpu as _torch_kernels
@@ -375,8 +375,10 @@ def convert_checkpoint(
 
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    if quant_type not in QUANT_TYPES:
-        raise ConversionError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if quant_type not in BNB_QUANT_TYPES:  # int4 too: the output is a bitsandbytes folder
+        raise ConversionError(
+            f"quant_type must be one of bitsandbytes' 4-bit types {BNB_QUANT_TYPES}, got {quant_type!r}"
+        )
     if blocksize not in BLOCKSIZES:
         raise ConversionError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     compute_dtype = parse_dtype(compute_dtype, "compute dtype")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..codes import QUANT_TYPES
+from ..codes import BNB_QUANT_TYPES
 from ..errors import InvalidFolderError
 from ..format import QUANT_STATE
 from .output_folder import INDEX, WEIGHTS
@@ -127,7 +127,9 @@ class ModelFolder:
         with a bitsandbytes quant state among `keys` (default: the folder's tensors)."""
         keys = list(self.infos) if keys is None else list(keys)
         split = [k.partition(".weight" + QUANT_STATE) for k in keys]
-        groups = {module: [] for module, state, quant_type in split if state and quant_type in QUANT_TYPES}
+        groups = {
+            module: [] for module, state, quant_type in split if state and quant_type in BNB_QUANT_TYPES
+        }
         for key in keys:
             prefix = key.rsplit(".weight", 1)[0]
             if prefix in groups and (key == f"{prefix}.weight" or key.startswith(f"{prefix}.weight.")):

@@ -18,7 +18,7 @@ from ..checkpoint.convert import bnb_quantization_config
 from ..checkpoint.output_folder import DEFAULT_MAX_SHARD_SIZE, Entry
 from ..codes import code4
 from ..errors import InvalidFolderError
-from ..format import QuantizedWeight, quantize_weight
+from ..format import QuantizedWeight, check_bnb_quant_type, quantize_weight
 from .base import dense_entry, estimated_bytes, parse_dtype, write_export
 from .merged import merged_experts, merged_weight, open_inputs, write_config
 
@@ -145,6 +145,7 @@ def export_nf4(
     Returns:
         (out, one LayerReport per merged layer).
     """
+    check_bnb_quant_type(quant_type, "an NF4 export (a bitsandbytes 4-bit folder)")
     dtype = parse_dtype(dtype)
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
 

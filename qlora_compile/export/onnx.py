@@ -23,6 +23,7 @@ from torch import nn
 
 from ..checkpoint.output_folder import atomic_files
 from ..errors import InvalidArgumentError, InvalidFolderError, UnsupportedError
+from ..format import check_bnb_quant_type
 from ..lora import QLoRALinear
 from ..modules import QuantizedLinear
 from .base import BaseModel, dense_tensor, empty_model
@@ -225,6 +226,7 @@ def export_onnx(
 
     if merge and adapter is None:
         raise InvalidArgumentError("--merge needs an adapter")
+    check_bnb_quant_type(quant_type, "an ONNX export (com.microsoft.MatMulBnb4)")
     base_model, lora = open_inputs(base, adapter, quant_type, blocksize, double_quant)
     if base_model.experts:
         raise UnsupportedError(

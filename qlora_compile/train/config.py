@@ -125,6 +125,7 @@ class TrainConfig:
             raise InvalidConfigError(
                 "qlora.step_in_backward steps inside every backward: it cannot accumulate gradients (grad_accum > 1)"
             )
+        _check_export(self.export, self.qlora.quant_type)
 
     @property
     def data_files(self) -> list[str]:
@@ -149,6 +150,21 @@ class TrainConfig:
         out["data"] = [str(Path(p).resolve()) for p in self.data_files]
         out["eval_data"] = [str(Path(p).resolve()) for p in self.eval_files]
         return out
+
+
+def _check_export(export: str, quant_type: str) -> None:
+    """Refused before training: exports that cannot hold what the run trained. Both exports merge
+    the adapter onto the base quantized with the run's quant_type: a 16-bit LoRA run has no 4-bit
+    base to merge onto, and bitsandbytes' format (nf4 export) has no Int4."""
+    if export != "none" and quant_type == "none":
+        raise InvalidConfigError(
+            f"export {export} merges onto a 4-bit base; a 16-bit LoRA run (qlora.quant_type none) is not "
+            "exported: use export none and merge the adapter with PEFT (merge_and_unload)"
+        )
+    if export == "nf4" and quant_type == "int4":
+        raise InvalidConfigError(
+            "export nf4 writes bitsandbytes' format, which has no Int4: use export merged"
+        )
 
 
 def _plain(value):

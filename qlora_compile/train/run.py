@@ -358,9 +358,11 @@ def _export(cfg: TrainConfig, adapter: Path, out: Path) -> dict[str, str]:
         return {}
     from .. import export
 
+    q = cfg.qlora  # merged onto the base as the run quantized it (a 4-bit folder: as stored)
+    quant = dict(quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant, progress=False)
     if cfg.export == "merged":
-        return {"merged": str(export.export_merged(cfg.model, adapter, out / "merged", progress=False))}
-    folder, _ = export.export_nf4(cfg.model, adapter, out / "nf4", progress=False)
+        return {"merged": str(export.export_merged(cfg.model, adapter, out / "merged", **quant))}
+    folder, _ = export.export_nf4(cfg.model, adapter, out / "nf4", **quant)
     return {"nf4": str(folder)}
 
 

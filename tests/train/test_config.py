@@ -87,6 +87,8 @@ def test_unknown_yaml_key(tmp_path, capsys):
          "qlora.step_in_backward steps inside every backward"),
         (["--eval_data", "e.jsonl", "--eval_split", "0.1"], "give eval_data or eval_split, not both"),
         (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+        (["--qlora.quant_type", "none", "--export", "merged"], "a 16-bit LoRA run (qlora.quant_type none) is not"),
+        (["--qlora.quant_type", "int4", "--export", "nf4"], "export nf4 writes bitsandbytes' format, which has no Int4"),
     ],
 )  # fmt: skip
 def test_bad_values(overrides, message):
