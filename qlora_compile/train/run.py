@@ -158,11 +158,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @dataclass
 class Result:
-    """What `train` returns: the report written to report.json, and the exit code it implies."""
+    """What `train` returns: the report written to report.json, the exit code it implies, and the
+    trained (compiled) model, for generation or more evaluation in the same process."""
 
     report: dict
     output_dir: Path
     stopped_by: int | None = None  # the signal that stopped the run early
+    model: object = field(default=None, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -203,7 +205,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         report["exports"] = _export(cfg, adapter, out)
         _plot(out / "loss.png", metrics)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    return Result(report, out, stop.signum)
+    return Result(report, out, stop.signum, model)
 
 
 def _setup(p: Prepared):
