@@ -30,7 +30,8 @@ from ..units import parse_size
 
 # Modules of the optional extras (pyproject.toml), by the extra that installs them.
 _EXTRAS = {"rich": "cli", "onnx": "onnx", "onnx_ir": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
-           "yaml": "train", "datasets": "train", "matplotlib": "train", "gguf": "demo"}  # fmt: skip
+           "yaml": "train", "datasets": "train", "matplotlib": "train", "gguf": "demo",
+           "tensorboard": "tensorboard"}  # fmt: skip
 
 
 def _console():

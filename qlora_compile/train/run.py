@@ -83,7 +83,9 @@ def load_tokenizer(path: str | Path):
 def prepare(cfg: TrainConfig, resume: str | None = None) -> Prepared:
     """Every check and the tokenized data, before anything is written."""
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UnsupportedError("tensorboard: true needs the tensorboard package: pip install tensorboard")
+        raise UnsupportedError(
+            "tensorboard: true needs the tensorboard package: pip install 'qlora-compile[tensorboard]'"
+        )
     train_device(cfg)  # a CUDA device asked for where there is none: refused before anything loads
     four_bit = check_model_folder(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
