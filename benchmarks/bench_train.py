@@ -9,7 +9,8 @@ Each candidate runs in its own process (so peak RSS is its own): load SmolLM2-13
 bf16, apply LoRA r=64, alpha=16, dropout 0.05 on all linear layers, gradient checkpointing on,
 AdamW lr 2e-4; 2 warm-up steps (they include torch.compile for ours), then `--steps` timed steps
 on random tokens. Reported: the first step's seconds (Inductor's compile included, for ours),
-median step seconds and the process's peak RSS.
+median step seconds and the process's peak RSS. `bench_train_trl.py` runs `qlora-compile train`
+against TRL's SFTTrainer on real data: tokens/s, peak RSS and the loss at every step.
 
 On a GPU (`--device cuda`, `tools/gpu_check.sh`) the peak is the device's
 (`torch.cuda.max_memory_allocated`), and `--model llama-1b` trains a random Llama of TinyLlama-1.1B's

@@ -2,7 +2,8 @@
 
     qlora-compile train [CONFIG.yaml] [--key value ...] [--resume latest|PATH]
                                                    QLoRA fine-tuning on your model folder and data files
-    qlora-compile demo [--out DIR] [--steps N] ...  QLoRA fine-tuning of SmolLM2-135M (offline, CPU)
+    qlora-compile demo [--out DIR] [--key value ...]  `train` with a packaged config: SmolLM2-135M on
+                                                   chatterbot-corpus (offline, CPU), answers before and after
     qlora-compile info                             versions and which kernels this machine uses
     qlora-compile inspect MODEL_DIR [--json] [--html OUT.html]   what compile does, without weights
     qlora-compile plan MODEL_DIR|CONFIG_JSON --gpu-memory 48GB   predicted training memory
@@ -17,7 +18,6 @@ traceback too with -v); 1 anything else (a bug, or the machine: the traceback).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -31,7 +31,8 @@ from ..units import parse_size
 
 # Modules of the optional extras (pyproject.toml), by the extra that installs them.
 _EXTRAS = {"rich": "cli", "onnx": "onnx", "onnx_ir": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
-           "yaml": "train", "datasets": "train", "matplotlib": "train", "gguf": "demo"}  # fmt: skip
+           "yaml": "train", "datasets": "train", "matplotlib": "train", "gguf": "demo",
+           "tensorboard": "tensorboard"}  # fmt: skip
 
 
 def _console():
@@ -64,9 +65,10 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    cfg = demo.DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(demo.DemoConfig)})
-    demo.run(args.out, cfg)
-    return 0
+    summary = demo.run(
+        args.out, args.overrides, eval_pairs=args.eval_pairs, max_new_tokens=args.max_new_tokens
+    )
+    return summary.get("exit_code", 0)
 
 
 def _train_summary(r: dict) -> str:
@@ -243,12 +245,6 @@ def _add_convert(sub) -> None:
     p.set_defaults(run=_convert)
 
 
-def _demo_defaults() -> dict:
-    from .demo import DemoConfig
-
-    return {f.name: f.default for f in dataclasses.fields(DemoConfig)}
-
-
 def _export(args: argparse.Namespace) -> int:
     from .. import export
 
@@ -313,29 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="quantize SmolLM2-135M, QLoRA fine-tune it on chatterbot-corpus, report (offline)"
-    )
-    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
-    defaults = _demo_defaults()
-    for name, kind, text in (
-        ("steps", int, "fine-tuning steps"),
-        ("batch_size", int, "pairs per step"),
-        ("max_length", int, "tokens per example; longer pairs are left out"),
-        ("eval_pairs", int, "held-out pairs for the loss before and after"),
-        ("train_pairs", int, "training pairs to use, 0 for all"),
-        ("lr", float, "AdamW learning rate"),
-        ("r", int, "LoRA rank"),
-        ("max_new_tokens", int, "tokens to generate per answer"),
-        ("seed", int, "data order and LoRA initialization"),
-    ):
-        demo.add_argument(
-            "--" + name.replace("_", "-"), type=kind, default=defaults[name],
-            help=f"{text} (default: {defaults[name]})",
-        )  # fmt: skip
-    demo.add_argument(
-        "--backend", choices=("eager", "aot_eager", "inductor"), default=defaults["backend"],
-        help="torch.compile backend after our passes (default: inductor, compile()'s own)",
+        "demo", help="qlora-compile train with a packaged config: SmolLM2-135M on chatterbot-corpus (offline)",
+        usage="qlora-compile demo [--out DIR] [--eval-pairs N] [--max-new-tokens N] [--key value ...]",
+        description="Every other --key value is a `qlora-compile train` config field, over the packaged config "
+        "(qlora_compile/tools/demo.yaml): --max_steps 8, --qlora.r 8. See README.md, 'demo'.",
+        allow_abbrev=False,
     )  # fmt: skip
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
+    demo.add_argument("--eval-pairs", type=int, default=16, help="held-out pairs (default: 16)")
+    demo.add_argument("--max-new-tokens", type=int, default=24, help="tokens per answer (default: 24)")
     demo.set_defaults(run=_demo)
     train = sub.add_parser(
         "train", help="QLoRA fine-tuning on your model folder and data files (YAML config and/or --key value)",
@@ -434,7 +416,11 @@ def _rank_note() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv, train_args = _split_train(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)  # config fields: for `demo` only
+    if overrides and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.overrides = overrides
     if train_args is not None:
         args.rest = train_args
     logging.basicConfig(

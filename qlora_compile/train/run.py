@@ -90,7 +90,9 @@ def load_tokenizer(path: str | Path):
 def prepare(cfg: TrainConfig, resume: str | None = None, ranks: Ranks = SINGLE) -> Prepared:
     """Every check and the tokenized data, before anything is written."""
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UnsupportedError("tensorboard: true needs the tensorboard package: pip install tensorboard")
+        raise UnsupportedError(
+            "tensorboard: true needs the tensorboard package: pip install 'qlora-compile[tensorboard]'"
+        )
     train_device(cfg)  # a CUDA device asked for where there is none: refused before anything loads
     four_bit = check_model_folder(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
@@ -177,11 +179,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @dataclass
 class Result:
-    """What `train` returns: the report written to report.json, and the exit code it implies."""
+    """What `train` returns: the report written to report.json, the exit code it implies, and the
+    trained (compiled) model, for generation or more evaluation in the same process."""
 
     report: dict
     output_dir: Path
     stopped_by: int | None = None  # the signal that stopped the run early
+    model: object = field(default=None, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -229,7 +233,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         report["exports"] = _export(cfg, adapter, out)
         _plot(out / "loss.png", metrics)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    return Result(report, out, stop.signum)
+    return Result(report, out, stop.signum, model)
 
 
 def _setup(p: Prepared):

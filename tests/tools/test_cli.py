@@ -1,12 +1,14 @@
-"""The command line: `info`, and the `demo` job's pieces plus a tiny end-to-end run."""
+"""The command line: `info`, and the `demo` job (`train` with a packaged config): its data, its bad
+input, and a tiny end-to-end run."""
 
 import json
 import shutil
 
-import numpy as np
 import pytest
 
+from qlora_compile.errors import InvalidArgumentError
 from qlora_compile.tools import cli, demo
+from qlora_compile.train.config import load_config
 
 
 def test_info_reports_kernels(capsys):
@@ -42,9 +44,30 @@ def test_info_without_a_c_compiler(no_c_compiler, capsys, caplog):
     assert not native.available() and "no C compiler found" in caplog.text
 
 
-def test_bad_input_exits_2(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--steps", "0"]) == 2
-    assert "--steps must be at least 1" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "8"], "unknown config key 'steps' (did you mean 'max_steps'?)"),
+        (["--max_steps", "-1"], "max_steps must be >= 0, got -1"),
+        (
+            ["--data", "mine.jsonl"],
+            "demo builds model, data, eval_data itself (--out sets output_dir); got --data",
+        ),
+        (["--eval-pairs", "0"], "--eval-pairs must be at least 1, got 0"),
+    ],
+)
+def test_demo_bad_input_exits_2(tmp_path, capsys, args, message):
+    """The demo's options and its train-config overrides are checked before anything is built."""
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--out", str(out), *args]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"qlora-compile demo: {message}"]
+    assert not out.exists()
+
+
+def test_unknown_option_of_another_command_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["info", "--max_steps", "8"])
+    assert e.value.code == 2 and "unrecognized arguments: --max_steps 8" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_unless_verbose(tmp_path, capsys):
@@ -98,62 +121,51 @@ class CharTokenizer:
     """One token per character; a chat template `<role>:content|` per message."""
 
     eos_token_id = 0
-
-    def __init__(self, template: bool):
-        self.chat_template = "yes" if template else None
+    chat_template = "yes"
 
     def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
         text = "".join(f"{m['role'][0]}:{m['content']}|" for m in messages)
         return [ord(c) for c in text + ("a:" if add_generation_prompt else "")]
 
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [ord(c) for c in text]}
+
+def test_split_pairs_holds_out_pairs_that_fit():
+    """Held-out pairs are drawn among those whose chat rendering fits in max_length (none of them is
+    dropped by `train`); the training pairs are the others, long ones included, in corpus order."""
+    pairs = [(f"q{i}", "a" * (i % 4)) for i in range(1, 13)]
+    length = {p: len(f"s:{demo.SYSTEM}|u:{p[0]}|a:{p[1]}|") for p in pairs}
+    limit = sorted(length.values())[6]
+    train, held = demo.split_pairs(CharTokenizer(), pairs, limit, 3, seed=0)
+    assert len(held) == 3 and all(length[p] <= limit for p in held)
+    assert train == [p for p in pairs if p not in held]
+    assert demo.split_pairs(CharTokenizer(), pairs, limit, 3, seed=0)[1] == held
+    assert demo.split_pairs(CharTokenizer(), pairs, limit, 3, seed=1)[1] != held
+    fit = sum(n <= limit for n in length.values())
+    assert 3 < fit < len(pairs)
+    with pytest.raises(InvalidArgumentError, match=f"only {fit} pairs fit in {limit} tokens"):
+        demo.split_pairs(CharTokenizer(), pairs, limit, fit, seed=0)
 
 
-def test_encode_pair_masks_the_prompt():
-    ids, labels = demo.encode_pair(CharTokenizer(template=True), "Hi", "Yo")
-    text = f"s:{demo.SYSTEM}|u:Hi|a:Yo|"
-    assert ids == [ord(c) for c in text]
-    assert labels == [-100] * (len(text) - 3) + [ord("Y"), ord("o"), ord("|")]
-    ids, labels = demo.encode_pair(CharTokenizer(template=False), "Hi", "Yo")
-    head = [ord(c) for c in "Question: Hi\nAnswer:"]
-    assert ids == head + [ord(" "), ord("Y"), ord("o"), 0]
-    assert labels == [-100] * len(head) + [ord(" "), ord("Y"), ord("o"), 0]
-
-
-def test_encode_pair_with_smollm2_template(smollm2_dir):
+def test_demo_records_train_on_the_answer(tmp_path, smollm2_dir):
+    """A pair written by the demo, read and encoded by `train`'s data pipeline with SmolLM2's chat
+    template: the labels are the answer and the template's end of turn, the prompt is masked."""
     from transformers import AutoTokenizer
 
+    from qlora_compile.train import data
+
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    ids, labels = demo.encode_pair(tokenizer, "What is AI?", "A branch of science.")
+    path = demo.write_chat_jsonl(tmp_path / "d.jsonl", [("What is AI?", "A branch of science.")])
+    rows, sources = data.load_rows([str(path)])
+    split = data.tokenize(rows, sources, tokenizer, "chat", max_length=64, overflow="drop",
+                          train_on_inputs=False, system_prompt=None)  # fmt: skip
+    ids, labels = split.dataset[0]["input_ids"], split.dataset[0]["labels"]
     answer = [t for t in labels if t != -100]
     assert labels[: len(ids) - len(answer)] == [-100] * (len(ids) - len(answer))
     assert ids[len(ids) - len(answer) :] == answer
     assert tokenizer.decode(answer) == "A branch of science.<|im_end|>\n"
-    assert tokenizer.decode(ids[: len(ids) - len(answer)]).endswith(
-        "What is AI?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(ids[: len(ids) - len(answer)]) == (
+        f"<|im_start|>system\n{demo.SYSTEM}<|im_end|>\n<|im_start|>user\nWhat is AI?<|im_end|>\n"
+        "<|im_start|>assistant\n"
     )
-
-
-def test_collate_pads_to_a_fixed_length():
-    batch = demo.collate([([5, 6, 7], [-100, 6, 7]), ([8], [8])], length=4, pad_id=2)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 2], [8, 2, 2, 2]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
-
-
-def test_loss_png_is_a_valid_image(tmp_path):
-    """Read back by matplotlib's own PNG reader: the asked size, and both curves' colours drawn."""
-    from matplotlib import colors, image
-
-    path = tmp_path / "loss.png"
-    demo.write_loss_png(path, [3.0, 2.5, float("nan"), 2.0], 3.2, 2.1, w=320, h=200)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pixels = image.imread(path)[..., :3]
-    assert pixels.shape == (200, 320, 3)
-    for name in ("tab:blue", "tab:red"):
-        near = np.abs(pixels - np.array(colors.to_rgb(name))).max(-1) < 0.02
-        assert near.sum() > 20, name
 
 
 @pytest.mark.slow
@@ -172,22 +184,33 @@ def test_demo_end_to_end(tmp_path, smollm2_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, config=config)
     model.save_pretrained(folder)
     del model
-    args = ["demo", "--out", str(tmp_path), "--steps", "2", "--batch-size", "2", "--eval-pairs", "2"]
-    args += ["--train-pairs", "4", "--max-length", "40", "--max-new-tokens", "2"]
+    args = ["demo", "--out", str(tmp_path), "--eval-pairs", "2", "--max-new-tokens", "2"]
+    args += ["--max_steps", "2", "--batch_size", "2", "--max_length", "40"]
     assert cli.main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["layers"] == 14 and summary["bits_per_param"] == pytest.approx(4.127, abs=1e-3)
-    assert len(summary["train_losses"]) == 2 and summary["train_pairs"] == 4
-    assert summary["quantized"].startswith("qlora-compile convert")
+    r = summary["train"]
+    # the train run of the packaged config, the overrides on top, on the files the demo wrote
+    cfg = load_config(tmp_path / "train.yaml")
+    assert cfg.to_dict() == json.loads((tmp_path / "train_config.json").read_text())
+    assert (cfg.max_steps, cfg.batch_size, cfg.max_length, cfg.qlora.r, cfg.qlora.lr) == (2, 2, 40, 16, 1e-3)
+    assert cfg.model == str(tmp_path / "nf4") and r["four_bit_folder"] and r["format"] == "chat"
     assert json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
-    assert all(0 < x < 30 for x in [summary["held_out_loss_before"], summary["held_out_loss_after"]])
-    assert summary["answers"]["prompt"] and set(summary["timings"]) >= {"fine-tune", "total"}
+    held_out = [json.loads(x) for x in (tmp_path / "chatterbot-eval.jsonl").read_text().splitlines()]
+    assert r["eval_examples"] == len(held_out) == 2 and r["data"]["dropped_too_long"] > 0
+    assert summary["answers"]["prompt"] == held_out[0]["messages"][1]["content"]
+    assert r["steps"] == 2 and [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2]
+    assert all(0 < x < 30 for x in [r["eval_loss_before"], r["eval_loss_after"]])
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "model.onnx").exists()
     answers = summary["answers"]
-    assert set(answers) >= {"after fine-tuning", "merged export (bf16)", "ONNX export (onnxruntime)"}
+    assert set(answers) >= {"before fine-tuning", "after fine-tuning", "merged export (bf16)",
+                            "ONNX export (onnxruntime)"}  # fmt: skip
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "report.md").read_text().startswith("# qlora-compile demo")
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_missing_extra_names_it(tmp_path, capsys, monkeypatch):

@@ -45,7 +45,7 @@ def computed(out) -> list[tuple]:
 def uninterrupted(tmp_path_factory, tiny_lm, chat_jsonl):
     out = tmp_path_factory.mktemp("run") / "out"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert cli.main(argv(tiny_lm, chat_jsonl, out, "--export", "merged")) == 0
+    assert cli.main(argv(tiny_lm, chat_jsonl, out, "--export", "merged", "--tensorboard", "true")) == 0
     # batch and sequence sizes dynamic from step 1: one graph for batches of every length
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
     return out
@@ -77,6 +77,47 @@ def test_outputs(uninterrupted):
     assert report["exports"] == {"merged": str(out / "merged")}
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} as TensorBoard reads the event files (its own EventAccumulator)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_the_metrics(uninterrupted):
+    """`tensorboard: true`: every number of metrics.jsonl (loss, lr, grad norm, tokens, eval loss and
+    perplexity...) is a TensorBoard scalar under its key, at its step, with its value (float32)."""
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for r in rows(uninterrupted):
+        for key, value in r.items():
+            if key != "step":
+                expected.setdefault(key, []).append((r["step"], value))
+    assert {"loss", "lr", "grad_norm", "eval_loss", "eval_ppl"} <= set(expected)
+    scalars = tensorboard_scalars(uninterrupted / "tensorboard")
+    assert set(scalars) == set(expected)
+    for key, points in expected.items():
+        assert [s for s, _ in scalars[key]] == [s for s, _ in points], key
+        assert [v for _, v in scalars[key]] == pytest.approx([v for _, v in points], rel=1e-6), key
+
+
+def test_tensorboard_of_a_resumed_run_drops_the_steps_after_its_checkpoint(tmp_path):
+    """As metrics.jsonl does: a run resumed from step 2 logs steps 3 and 4 again, and TensorBoard
+    shows the new values only (the writer's purge_step)."""
+    path = tmp_path / "metrics.jsonl"
+    metrics = loop.Metrics(path, None, tensorboard=True)
+    for step in range(1, 5):
+        metrics.write({"step": step, "loss": float(step)})
+    metrics.close()
+    metrics = loop.Metrics(path, 2, tensorboard=True)
+    for step in (3, 4):
+        metrics.write({"step": step, "loss": 10.0 * step})
+    metrics.close()
+    assert [r["loss"] for r in rows(tmp_path)] == [1.0, 2.0, 30.0, 40.0]
+    assert tensorboard_scalars(tmp_path / "tensorboard")["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
 def test_schedule_matches_transformers(uninterrupted):
