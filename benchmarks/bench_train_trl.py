@@ -50,18 +50,19 @@ LORA = {"r": 64, "lora_alpha": 16}
 LR, MAX_GRAD_NORM = 2e-4, 0.3
 
 
-def ours_config(work: Path, folder: Path, steps: int, dropout: float) -> dict:
+def ours_config(work: Path, folder: Path, steps: int, dropout: float, lora_dtype: str | None = None) -> dict:
     """The `qlora-compile train` config: the demo's data, QLoRA's defaults otherwise."""
     return {
         "model": str(folder), "data": str(work / "train.jsonl"), "eval_data": str(work / "eval.jsonl"),
         "format": "chat", "max_length": MAX_LENGTH, "overflow": "drop", "batch_size": BATCH,
         "group_by_length": False, "max_steps": steps, "warmup_ratio": 0, "seed": SEED,
         "output_dir": str(work / "ours"), "log_every": 1,
-        "qlora": {**LORA, "lora_dropout": dropout, "lr": LR, "max_grad_norm": MAX_GRAD_NORM},
+        "qlora": {**LORA, "lora_dropout": dropout, "lr": LR, "max_grad_norm": MAX_GRAD_NORM,
+                  **({"lora_compute_dtype": lora_dtype} if lora_dtype else {})},
     }  # fmt: skip
 
 
-def prepare(work: Path, folder: Path, steps: int, dropout: float) -> None:
+def prepare(work: Path, folder: Path, steps: int, dropout: float, lora_dtype: str | None = None) -> None:
     """The JSONL files, ours.yaml, TRL's rows in our order, and the initial adapter."""
     import torch
     import transformers
@@ -79,7 +80,7 @@ def prepare(work: Path, folder: Path, steps: int, dropout: float) -> None:
     )
     demo.write_chat_jsonl(work / "train.jsonl", train)
     demo.write_chat_jsonl(work / "eval.jsonl", held)
-    values = ours_config(work, folder, steps, dropout)
+    values = ours_config(work, folder, steps, dropout, lora_dtype)
     (work / "ours.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     cfg = load_config(work / "ours.yaml")
     p = run.prepare(cfg)  # our tokens, after max_length
@@ -228,6 +229,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument(
+        "--lora-compute-dtype",
+        help="ours: qlora.lora_compute_dtype (bfloat16: the LoRA products as TRL's autocast runs them)",
+    )
+    parser.add_argument(
         "--cache", type=Path, default=Path("bench_out"), help="where SmolLM2's folder is built"
     )
     parser.add_argument("--work", type=Path, default=Path("bench_out/train_trl"))
@@ -243,7 +248,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_trl(args.work, folder, args.steps)))
         return
-    prepare(args.work, folder, args.steps, args.lora_dropout)
+    prepare(args.work, folder, args.steps, args.lora_dropout, args.lora_compute_dtype)
     theirs = [sys.executable, __file__, "--one", "trl", "--steps", str(args.steps), "--cache", str(args.cache),
               "--work", str(args.work)]  # fmt: skip
     runs = []

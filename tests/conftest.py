@@ -45,6 +45,18 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture(params=["native", "torch"])
+def cpu_path(request, monkeypatch):
+    """Run a test on the native CPU kernel and again on the vectorized torch path."""
+    from qlora_compile.kernels import native
+
+    if request.param == "torch":
+        monkeypatch.setattr(native, "available", lambda: False)
+    else:
+        assert native.available(), "the native CPU kernel failed to build (see the logged warning)"
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -16,16 +16,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
-@pytest.fixture(params=["native", "torch"])
-def cpu_path(request, monkeypatch):
-    """Run a test on the native CPU kernel and again on the vectorized torch path."""
-    if request.param == "torch":
-        monkeypatch.setattr(native, "available", lambda: False)
-    else:
-        assert native.available(), "the native CPU kernel failed to build (see the logged warning)"
-    return request.param
-
-
 def assert_same_as_bnb(w, quant_type="nf4", blocksize=64, double_quant=True):
     packed, state, theirs = bnb_oracle.quantize(w, quant_type, blocksize, double_quant)
     qw = quantize_weight(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)

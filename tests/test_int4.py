@@ -15,23 +15,12 @@ from qlora_compile.checkpoint.convert import ConversionError, convert_checkpoint
 from qlora_compile.codes import bucket_bounds, code4
 from qlora_compile.errors import InvalidConfigError, UnsupportedError
 from qlora_compile.export import export_nf4, export_onnx
-from qlora_compile.kernels import native
 from qlora_compile.kernels import triton_dequant as td
 from qlora_compile.kernels import triton_matmul as tm
 from tests.models import build, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity"))
 from int4 import quantize_int4  # noqa: E402  (the benchmark's reference, beside its script)
-
-
-@pytest.fixture(params=["native", "torch"])
-def cpu_path(request, monkeypatch):
-    """Run a test on the native CPU kernel and again on the vectorized torch path."""
-    if request.param == "torch":
-        monkeypatch.setattr(native, "available", lambda: False)
-    else:
-        assert native.available(), "the native CPU kernel failed to build (see the logged warning)"
-    return request.param
 
 
 def levels(qw) -> torch.Tensor:
