@@ -46,7 +46,7 @@ def _two_ranks(root: Path) -> list:
     return launch.run_ranks(
         workers.train,
         world=2,
-        timeout=240,
+        timeout=480,  # Inductor compiles the "inductor" run's block (C++) on each rank
         steps=STEPS,
         runs=tuple(workers.RUNS),
         save_at=SAVE_AT,

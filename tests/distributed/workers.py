@@ -24,6 +24,9 @@ BATCH, SEQ = 6, 16  # 6 rows: 3 per rank on 2 ranks, 2 on 3
 # 256-element state blocks are one process's blocks.
 # "folder": the adamw32 model saved and converted to a 4-bit folder (`make_folder`), loaded on
 # meta by every rank, each reading its rows in shard(); the one-process run loads it whole.
+# "inductor": compile()'s defaults as the README's recipe runs them (backend "inductor", the fused
+# head and loss, automatic dynamic shapes) but for fp32 and dropout 0 (as everywhere here), on
+# batches whose sizes and lengths change (`SHAPES`).
 RUNS = {
     "adamw32": ({"intermediate_size": 65}, {}),
     "folder": ({"intermediate_size": 65}, {}),
@@ -34,17 +37,23 @@ RUNS = {
         {"hidden_size": 128, "intermediate_size": 128, "num_key_value_heads": 4},
         {"r": 64, "optim_bits": 8, "paged": True, "device_budget": 2**16, "max_grad_norm": 0.15},
     ),
+    "inductor": ({}, {"backend": "inductor", "fused_loss": True}),
 }
+# (rows, tokens) of each step's global batch in the "inductor" run: the second changes both, so
+# Dynamo recompiles once with both sizes symbolic, and that graph serves the rest (as a loader
+# padding each batch to its longest row gives them); the other runs' batches are all BATCH x SEQ
+SHAPES = {"inductor": [(6, 16), (4, 24), (6, 12), (4, 20)]}
 
 
-def batches(steps: int) -> list[dict[str, torch.Tensor]]:
+def batches(steps: int, run: str = "adamw32") -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    ids = [torch.randint(0, 128, (BATCH, SEQ), generator=g) for _ in range(steps)]
+    shapes = SHAPES.get(run, [(BATCH, SEQ)] * steps)[:steps]
+    ids = [torch.randint(0, 128, shape, generator=g) for shape in shapes]
     return [{"input_ids": x, "labels": x} for x in ids]
 
 
 def rank_slice(batch: dict, rank: int, world: int) -> dict:
-    per = BATCH // world
+    per = len(batch["input_ids"]) // world
     return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
 
@@ -77,12 +86,17 @@ def storage(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _train(
-    model: torch.nn.Module, steps: int, part=lambda batch: batch, start: int = 0, save: tuple = (None, None)
+    model: torch.nn.Module,
+    steps: int,
+    part=lambda batch: batch,
+    start: int = 0,
+    save: tuple = (None, None),
+    run: str = "adamw32",
 ) -> dict:
-    """Steps `start`..`steps` of the run; `save`: (step k, folder) to checkpoint after step k."""
+    """Steps `start`..`steps` of `run`; `save`: (step k, folder) to checkpoint after step k."""
     model.train()
     losses, norms, draws = [], [], None
-    for i, batch in enumerate(batches(steps)[start:], start):
+    for i, batch in enumerate(batches(steps, run)[start:], start):
         loss = model(**part(batch)).loss
         loss.backward()
         norms.append(model.qlora.step())
@@ -110,7 +124,7 @@ def _train(
 def one_process(steps: int, run: str = "adamw32", adapter=None, out=None) -> dict:
     """The reference: one process, the full batch each step (its adapter saved to `adapter`)."""
     model = new_model(False, run, out)
-    result = _train(model, steps)
+    result = _train(model, steps, run=run)
     result["run"] = run
     result["lora"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if adapter:
@@ -141,7 +155,7 @@ def _sharded(rank: int, world: int, steps: int, run: str, save_at: int | None, o
     _distribute(run)(model)
     before = distributed.storage_bytes(model)
     save = (save_at, f"{out}/{run}") if save_at else (None, None)
-    result = _train(model, steps, lambda batch: rank_slice(batch, rank, world), save=save)
+    result = _train(model, steps, lambda batch: rank_slice(batch, rank, world), save=save, run=run)
     if save_at:
         model.qlora.save_adapter(f"{out}/adapter-{run}")
     result.update(
@@ -198,7 +212,7 @@ def resume(rank: int, world: int, steps: int, out, runs: tuple[str, ...]) -> dic
         torch.manual_seed(1234 + rank)  # another RNG state than the saved one: the load must restore it
         start = model.qlora.load_checkpoint(f"{out}/{run}")
         draws = torch.rand(4)
-        result = _train(model, steps, lambda batch: rank_slice(batch, rank, world), start=start)
+        result = _train(model, steps, lambda batch: rank_slice(batch, rank, world), start=start, run=run)
         result.update(start=start, draws=draws, lora=distributed.gathered_lora(model))
         results[run] = result
     return results
