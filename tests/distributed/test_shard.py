@@ -152,6 +152,8 @@ def test_a_dead_rank_fails_the_others_instead_of_hanging():
 def test_shard_fuses_the_head_and_loss(sharded):
     """`fused_loss=True`: the fused head and loss run inside the root's forward (FSDP2 holds the
     head gathered there); the run equals one process's fused run (test_sharded_training_equals_one_process)."""
-    assert sharded[0]["reference"]["fused"]["fused_loss"] and sharded[0]["reference"]["inductor"]["fused_loss"]
+    assert (
+        sharded[0]["reference"]["fused"]["fused_loss"] and sharded[0]["reference"]["inductor"]["fused_loss"]
+    )
     for r in sharded:
         assert r["fused"]["fused_loss"] and r["inductor"]["fused_loss"] and not r["adamw32"]["fused_loss"]
