@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import torch
 
-from ..errors import QLoRAError
+from ..errors import QLoRAError, UnsupportedError
 from .data import IGNORE
 
 logger = logging.getLogger(__name__)
@@ -62,12 +62,41 @@ def join(device: torch.device) -> Ranks:
         return SINGLE
     owned = not dist.is_initialized()
     if owned:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        check_launch(backend)
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), owned)
     logger.info("rank %d of %d (%s)", ranks.rank, ranks.world, dist.get_backend())
     return ranks
+
+
+# what torchrun (or `accelerate launch`) sets for each rank: env:// rendezvous reads them
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_launch(backend: str) -> None:
+    """Raise UnsupportedError, in one line, when this process cannot join a `backend` job: a torch
+    without torch.distributed or without that backend, or WORLD_SIZE set without the rest of what
+    a launcher sets (a command started by hand, not by torchrun)."""
+    import torch.distributed as dist
+
+    world = os.environ.get("WORLD_SIZE")
+    if not dist.is_available():
+        raise UnsupportedError(f"WORLD_SIZE={world}, but this torch build has no torch.distributed")
+    available = {"gloo": dist.is_gloo_available, "nccl": dist.is_nccl_available}[backend]()
+    if not available:
+        raise UnsupportedError(
+            f"WORLD_SIZE={world}, but this torch build has no {backend} backend for torch.distributed "
+            f"({'the CPU' if backend == 'gloo' else 'CUDA'} needs it)"
+        )
+    missing = [v for v in LAUNCH_VARIABLES if not os.environ.get(v)]
+    if missing:
+        raise UnsupportedError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+            "start the job with torchrun --nproc_per_node=N (or unset WORLD_SIZE to train in one process)"
+        )
 
 
 def leave(ranks: Ranks) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from tests.distributed import launch, workers
 
-STEPS, SAVE_AT = 4, 2
+STEPS, SAVE_AT = 30, 2  # the 30 steps; each checkpoint after step 2, resumed to the end
 
 
 def _root(tmp_path_factory) -> Path:

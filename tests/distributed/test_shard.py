@@ -18,20 +18,25 @@ from tests.distributed.conftest import STEPS
 
 RUNS = tuple(r for r in workers.RUNS if r != "bf16")  # runs that must equal one process's
 # fp32 losses near 4.8 are 4.8e-7 apart (one ulp); the ranks' mean and one process's sum the
-# tokens' losses in other orders, and FSDP averages gradients over ranks: a few ulps.
-TOL = 2e-6
+# tokens' losses in other orders, and FSDP averages gradients over ranks: a few ulps (seen over
+# the 30 steps: 7.2e-7). With 8-bit states those ulps can round a state to the neighbouring code
+# (below), and the runs drift apart a little more (seen: 2.9e-6 on losses, 3.8e-6 on norms by step
+# 28): the issue's 1e-5.
+TOL, TOL_8BIT = 2e-6, 1e-5
 # 8-bit states: a gradient a few ulps off can round a state to the neighbouring 8-bit code, which
-# moves that element's update by up to a tenth of lr (seen: 1 element of 8192 off by 8e-5, lr 1e-3):
+# moves that element's update by up to a tenth of lr, and such moves add up over the steps (seen:
+# 1 element of 8192 off by 8e-5 after 4 steps; after 30 at lr 1e-3, 7% of all beyond 1e-5 and 10% of
+# the worst tensor's, none beyond 4.3e-4; 30 Adam steps of lr 1e-3 move a weight by up to 3e-2):
 # (share of elements allowed beyond 1e-5, bound for all)
 # 32-bit: Adam divides by the root of small second moments, which magnifies those ulps in the
-# weights (seen: 2e-6 after 4 steps at lr 1e-3); bounded at 1% of lr.
+# weights (seen: 4.7e-7 after 30 steps at lr 1e-3); bounded at 1% of lr.
 LORA_FLIPS = {
     "adamw32": (0.0, 1e-5),
     "folder": (0.0, 1e-5),
     "replicated": (0.0, 1e-5),
     "fused": (0.0, 1e-5),
     "inductor": (0.0, 1e-5),
-    "paged8": (1e-3, 1e-4),
+    "paged8": (0.25, 1e-3),
 }
 # Dynamo's graphs of the block: one, but for the "inductor" run, whose second batch changes its
 # sizes (`workers.SHAPES`): the first shape static, then one graph with symbolic sizes for the rest
@@ -47,11 +52,12 @@ def runs(request, sharded):
 def test_sharded_training_equals_one_process(runs):
     ranks, ref = runs
     flips, bound = LORA_FLIPS[ref["run"]]
+    tol = TOL_8BIT if ref["states_8bit"] else TOL
     mean = [sum(r["losses"][i] for r in ranks) / len(ranks) for i in range(STEPS)]
-    assert mean == pytest.approx(ref["losses"], abs=TOL)
+    assert mean == pytest.approx(ref["losses"], abs=tol)
     assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank trained on its own half
     for r in ranks:  # max_grad_norm clips every step: the norm is the global one on every rank
-        assert r["norms"] == pytest.approx(ref["norms"], abs=TOL)
+        assert r["norms"] == pytest.approx(ref["norms"], abs=tol)
         assert min(r["norms"]) > r["max_grad_norm"]
         assert r["states_8bit"] == ref["states_8bit"]
         assert (r["page_ins"] > 0) == (ref["page_ins"] > 0)

@@ -23,7 +23,8 @@ def _torchrun(tmp: Path, folder: Path, name: str) -> list[list[float]]:
 
 def test_torchrun_recipe_trains_and_resumes(tmp_path, sharded_out, sharded):
     first = _torchrun(tmp_path, sharded_out / "bnb4", "first")
-    assert first == [r["folder"]["losses"] for r in sharded]  # as the spawned ranks, bit for bit
+    # as the spawned ranks' first 4 steps, bit for bit
+    assert first == [r["folder"]["losses"][:4] for r in sharded]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     resumed = _torchrun(tmp_path, sharded_out / "bnb4", "resumed")
     assert resumed == [losses[2:] for losses in first]

@@ -39,7 +39,7 @@ RUNS = {
     ),
     "inductor": ({}, {"backend": "inductor", "fused_loss": True}),
 }
-# (rows, tokens) of each step's global batch in the "inductor" run: the second changes both, so
+# (rows, tokens) of the "inductor" run's global batches, in turn: the second changes both, so
 # Dynamo recompiles once with both sizes symbolic, and that graph serves the rest (as a loader
 # padding each batch to its longest row gives them); the other runs' batches are all BATCH x SEQ
 SHAPES = {"inductor": [(6, 16), (4, 24), (6, 12), (4, 20)]}
@@ -47,7 +47,8 @@ SHAPES = {"inductor": [(6, 16), (4, 24), (6, 12), (4, 20)]}
 
 def batches(steps: int, run: str = "adamw32") -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    shapes = SHAPES.get(run, [(BATCH, SEQ)] * steps)[:steps]
+    cycle = SHAPES.get(run, [(BATCH, SEQ)])
+    shapes = [cycle[i % len(cycle)] for i in range(steps)]
     ids = [torch.randint(0, 128, shape, generator=g) for shape in shapes]
     return [{"input_ids": x, "labels": x} for x in ids]
 

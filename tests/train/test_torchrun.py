@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch.distributed
 from safetensors.torch import load_file
 
 from qlora_compile.tools import cli
@@ -110,4 +111,28 @@ def test_an_error_on_rank_0_ends_every_rank_with_one_line(tiny_lm, tmp_path):
         )
         assert line in proc.stderr, proc.stderr[-3000:]
     assert "unexpected error" not in proc.stderr  # ours on every rank, not a collective's failure
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_launch_without_torchrun_is_one_line(tiny_lm, chat_jsonl, tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE without what torchrun sets with it, or a torch without gloo: one line on the
+    rank, exit 2, before anything is read or written (no rendezvous left waiting)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(argv(tiny_lm, chat_jsonl, tmp_path / "out", 2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "qlora-compile train (rank 0 of 2): WORLD_SIZE=2 is set but MASTER_ADDR, MASTER_PORT are not: start the "
+        "job with torchrun --nproc_per_node=N (or unset WORLD_SIZE to train in one process)"
+    ]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(torch.distributed, "is_gloo_available", lambda: False)
+    assert cli.main(argv(tiny_lm, chat_jsonl, tmp_path / "out", 2)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "qlora-compile train (rank 0 of 2): WORLD_SIZE=2, but this torch build has no gloo backend for "
+        "torch.distributed (the CPU needs it)"
+    ]
     assert not (tmp_path / "out").exists()
