@@ -44,6 +44,7 @@ OURS = {
     "qlora-compile/lora-bf16": {"lora_compute_dtype": "bfloat16"},
     "qlora-compile/bf16-residual": {"fp32_residual": False},
     "qlora-compile/budget-0.5": {"activation_memory_budget": 0.5},
+    "qlora-compile/no-dropout": {"lora_dropout": 0.0},  # what the dropout masks cost
     "qlora-compile/all": {
         "lora_compute_dtype": "bfloat16",
         "fp32_residual": False,
@@ -133,7 +134,7 @@ def run_one(
 
         options = {k: getattr(torch, v) if k.endswith("dtype") else v for k, v in OURS[name].items()}
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
-        qlora_compile.compile(model, **lora, compute_dtype=torch.bfloat16, backend=backend, **options)
+        qlora_compile.compile(model, **{**lora, **options}, compute_dtype=torch.bfloat16, backend=backend)
         params = model.qlora.trainable_parameters()
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
