@@ -5,7 +5,8 @@ adapter; checkpoints go through DCP and a resume reproduces the run bit for bit.
 
 The command as the README gives it: `train`'s defaults (Inductor, C++ on this CPU; symbolic sizes
 from the first step; the fused head and loss; batches of the examples' own lengths), but for fp32
-and dropout 0, which make the runs comparable. The one-process reference runs eager."""
+and dropout 0, which make the runs comparable. The one-process reference runs eager, and so do
+the resume test's two launches (`eager_two`)."""
 
 import json
 import subprocess
@@ -85,16 +86,29 @@ def test_rank_0_writes_the_outputs_once(runs):
     assert not list(two.glob("*.partial"))
 
 
-def test_a_2_rank_checkpoint_resumes_bit_for_bit(runs, tiny_lm, chat_jsonl, tmp_path, capsys):
-    _, two = runs
+@pytest.fixture(scope="module")
+def eager_two(tmp_path_factory, tiny_lm, chat_jsonl):
+    """2 ranks as `runs`' second, eager: the resume test's uninterrupted run. A resumed run compiles
+    its graphs again (its first batches are another shape, and Dynamo specializes on the sizes it
+    first sees), which Inductor takes a minute for on this CPU; checkpoints and resumes do not
+    depend on the backend."""
+    out = tmp_path_factory.mktemp("torchrun-eager") / "two"
+    proc = torchrun(*argv(tiny_lm, chat_jsonl, out, 2, "--qlora.backend", "eager"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_a_2_rank_checkpoint_resumes_bit_for_bit(eager_two, tiny_lm, chat_jsonl, tmp_path, capsys):
+    two = eager_two
     out = tmp_path / "resumed"
     out.mkdir()
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(two) if r["step"] <= 2))
     ckpt = str(two / "checkpoint-2")
+    eager = ("--qlora.backend", "eager", "--resume", ckpt)
     # in one process: refused with one line, before anything is written
-    assert cli.main(argv(tiny_lm, chat_jsonl, out, 2, "--resume", ckpt)) == 2
+    assert cli.main(argv(tiny_lm, chat_jsonl, out, 2, *eager)) == 2
     assert "trained on 2 rank(s), this run has 1" in capsys.readouterr().err
-    proc = torchrun(*argv(tiny_lm, chat_jsonl, out, 2, "--resume", ckpt))
+    proc = torchrun(*argv(tiny_lm, chat_jsonl, out, 2, *eager))
     assert proc.returncode == 0, proc.stderr[-4000:]
     for key in ("loss", "grad_norm", "eval_loss", "lr"):
         assert series(out, key) == series(two, key), key
