@@ -88,9 +88,9 @@ def test_rank_0_writes_the_outputs_once(runs):
 
 @pytest.fixture(scope="module")
 def eager_two(tmp_path_factory, tiny_lm, chat_jsonl):
-    """2 ranks as `runs`' second, eager: the resume test's uninterrupted run. A resumed run compiles
-    its graphs again (its first batches are another shape, and Dynamo specializes on the sizes it
-    first sees), which Inductor takes a minute for on this CPU; checkpoints and resumes do not
+    """2 ranks as `runs`' second, eager: the resume test's uninterrupted run. A resumed run's graphs
+    missed Inductor's cache in every try (its first batches have other sizes than the first run's),
+    and compiling them again takes Inductor a minute on this CPU; checkpoints and resumes do not
     depend on the backend."""
     out = tmp_path_factory.mktemp("torchrun-eager") / "two"
     proc = torchrun(*argv(tiny_lm, chat_jsonl, out, 2, "--qlora.backend", "eager"))
