@@ -100,7 +100,9 @@ def evaluate(model, batches: Iterable[dict[str, torch.Tensor]], ranks: Ranks = S
             n = label_tokens(batch)
             if n or ranks.distributed:  # every rank runs every forward: FSDP2 gathers in it
                 loss = model(**batch).loss
-                total, count = (total + loss.item() * n, count + n) if n else (total, count)
+                if n:
+                    total += loss.item() * n
+                    count += n
     device = next(model.parameters()).device
     total, count = sum_over_ranks([total, count], ranks, device)
     model.train(was_training)
