@@ -43,6 +43,10 @@ RUNS = {
 # Dynamo recompiles once with both sizes symbolic, and that graph serves the rest (as a loader
 # padding each batch to its longest row gives them); the other runs' batches are all BATCH x SEQ
 SHAPES = {"inductor": [(6, 16), (4, 24), (6, 12), (4, 20)]}
+# the one-process reference's compile overrides: the "inductor" run's compiles with aot_eager (what
+# compiles the reference is not under test; Inductor's fp32 kernels round within a few ulps of it),
+# which spares rank 0 a third compile
+REFERENCE = {"inductor": {"backend": "aot_eager"}}
 
 
 def batches(steps: int, run: str = "adamw32") -> list[dict[str, torch.Tensor]]:
@@ -123,10 +127,9 @@ def _train(
 
 
 def one_process(steps: int, run: str = "adamw32", adapter=None, out=None) -> dict:
-    """The reference: one process, the full batch each step (its adapter saved to `adapter`).
-    The "inductor" run's reference compiles with aot_eager (what compiles it is not under test;
-    Inductor's fp32 kernels round within a few ulps of it), which spares rank 0 a third compile."""
-    model = new_model(False, run, out, **({"backend": "aot_eager"} if run == "inductor" else {}))
+    """The reference: one process, the full batch each step (its adapter saved to `adapter`),
+    with `REFERENCE[run]`'s compile overrides."""
+    model = new_model(False, run, out, **REFERENCE.get(run, {}))
     result = _train(model, steps, run=run)
     result["run"] = run
     result["lora"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
