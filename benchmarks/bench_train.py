@@ -87,21 +87,45 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+LORA = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05}
+
+
+def peft_model(name: str, folder: str, device: str, lora: dict, checkpointing: bool = True):
+    """The peer: transformers + PEFT LoRA on every linear layer, with bitsandbytes NF4 + double
+    quantization ("peft+bnb") or in bf16 ("peft-16bit"), gradient checkpointing on (16-bit: unless
+    `checkpointing` is False)."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if name == "peft+bnb":
+        quant = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )  # fmt: skip
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quant, device_map=device, dtype=torch.bfloat16
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    return get_peft_model(model, LoraConfig(**lora, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
 def step_flops(folder: str, batch: int, seq: int, device: str = "cpu") -> dict:
     """The model FLOPs of one training step (`torch.utils.flop_counter.FlopCounterMode`, eager
     16-bit PEFT LoRA, no checkpointing), and the dense bf16 matmul rate (FLOP/s) of this machine."""
     import torch
-    import transformers
-    from peft import LoraConfig, get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
-    model.config.use_cache = False
-    lora = LoraConfig(
-        r=64, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
-    model = get_peft_model(model, lora)
+    # model FLOPs: no recomputation (nor a gradient for the frozen embeddings' output, which
+    # checkpointing asks for)
+    model = peft_model("peft-16bit", folder, device, {**LORA, "lora_dropout": 0.0}, checkpointing=False)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids, labels=ids).loss.backward()
@@ -128,32 +152,16 @@ def run_one(
 
     logging.disable(logging.WARNING)
     torch.manual_seed(0)
-    lora = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05}
+
     if name in OURS:
         import qlora_compile
 
         options = {k: getattr(torch, v) if k.endswith("dtype") else v for k, v in OURS[name].items()}
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
-        qlora_compile.compile(model, **{**lora, **options}, compute_dtype=torch.bfloat16, backend=backend)
+        qlora_compile.compile(model, **{**LORA, **options}, compute_dtype=torch.bfloat16, backend=backend)
         params = model.qlora.trainable_parameters()
     else:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-        if name == "peft+bnb":
-            quant = transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            )  # fmt: skip
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, quantization_config=quant, device_map=device, dtype=torch.bfloat16
-            )
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model.config.use_cache = False
-        model = get_peft_model(model, LoraConfig(**lora, target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = peft_model(name, folder, device, LORA)
         params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     optimizer = torch.optim.AdamW(params, lr=2e-4)
