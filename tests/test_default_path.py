@@ -2,9 +2,10 @@
 this CPU), gradient checkpointing, batches padded per batch so their shapes change, generate() with
 a growing KV cache, and transformers.Trainer with a padding collator.
 
-Each test compiles the same small Llama, two decoder layers that share one compiled layer
-(compile_scope="layers"), so Inductor's FX graph cache (cold at the start of the session) serves
-graphs a previous test in this file already lowered. Only compute_dtype=float32 and
+The training loop and the Trainer run share one compiled small Llama, two decoder layers that
+share one compiled layer (compile_scope="layers"), reset to the same weights before each: the
+loop compiles a static layer graph at its first batch and a dynamic one at its second (batch and
+sequence sizes symbolic), which then serves every later batch, the Trainer's included. Only compute_dtype=float32 and
 lora_dropout=0 are changed where a test compares with eager (bf16 and dropout draws would not be
 comparable at 1e-5); r is small to keep the model small.
 """
@@ -57,19 +58,32 @@ def examples(lengths, seed: int) -> list[dict]:
 
 # batches as a loader yields them, each padded to its longest row: five distinct lengths and two
 # batch sizes. The second batch changes both, so Dynamo's automatic dynamic shapes mark both
-# dimensions at once (each later recompile would cost Inductor about a minute on this CPU).
+# dimensions at once (each later recompile would cost Inductor about half a minute on this CPU).
 BATCHES = [[16, 9, 12, 5], [23, 20, 7], [9, 4, 6, 8], [31, 17, 25, 3], [12, 10, 6]]
 
 
-def compiled_and_eager():
+@pytest.fixture(scope="module")
+def pair():
     """The small Llama through compile() twice with the same 4-bit weights and adapters: the
-    default backend, and one to run under `set_stance("force_eager")` as the eager reference."""
+    default backend, and one to run under `set_stance("force_eager")` as the eager reference, and
+    their initial state. The tests that use it come first in this file: a later test's
+    `torch._dynamo.reset()` drops the compiled graphs."""
     torch._dynamo.reset()
     model = tiny_llama()
     reference = copy.deepcopy(model)
     qlora_compile.compile(model, **EXACT)
     qlora_compile.compile(reference, **EXACT, backend="eager")
     reference.load_state_dict(model.state_dict())
+    return model, reference, copy.deepcopy(model.state_dict())
+
+
+def compiled_and_eager(pair):
+    """`pair`'s models, back to their initial weights, with fresh optimizers."""
+    model, reference, initial = pair
+    for m in (model, reference):
+        m.load_state_dict(initial)
+        m.qlora.reset_optimizer()
+        m.zero_grad(set_to_none=True)
     return model, reference
 
 
@@ -78,13 +92,13 @@ def assert_same_losses(compiled: list[float], eager: list[float]) -> None:
         assert abs(a - b) <= 1e-5, f"step {step}: compiled {a:.7f}, eager {b:.7f}"
 
 
-def test_training_with_changing_shapes_matches_eager(tokenizer):
+def test_training_with_changing_shapes_matches_eager(tokenizer, pair):
     collate = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
     batches = [collate(examples(lengths, seed=i)) for i, lengths in enumerate(BATCHES)]
     assert len({tuple(b["input_ids"].shape) for b in batches}) == len(BATCHES)
     assert (batches[0]["labels"] == -100).any()  # padded rows, masked out of the loss
 
-    model, reference = compiled_and_eager()
+    model, reference = compiled_and_eager(pair)
     assert model.qlora.config.backend == "inductor" and model.is_gradient_checkpointing
 
     compiled = train_steps(model, batches)
@@ -96,6 +110,44 @@ def test_training_with_changing_shapes_matches_eager(tokenizer):
     report = model.qlora.report()
     assert report.graphs == 2, report
     assert report.passes["fuse_lora"] > 0 and report.passes.get("kernel:auto", 0) > 0
+
+
+class LossRecordingTrainer(transformers.Trainer):
+    """transformers.Trainer that keeps each step's loss unrounded (its log rounds to 4 digits)."""
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self.losses.append(loss.item())
+        return loss
+
+
+def test_trainer_with_padding_collator_default_backend(tokenizer, tmp_path, pair):
+    """transformers.Trainer, the collator padding each batch to its longest row (shuffled, so the
+    lengths change every step): the same losses as the same run in eager mode, and the compiled
+    path is the one that ran."""
+    collate = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    data = examples([16, 9, 12, 5, 23, 20, 7, 11, 9, 4, 6, 8, 31, 17, 25, 3, 12, 10, 6, 14], seed=7)
+
+    def run(model, directory):
+        args = transformers.TrainingArguments(
+            output_dir=str(directory), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2,
+            report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
+        )  # fmt: skip
+        trainer = LossRecordingTrainer(model=model, args=args, train_dataset=data, data_collator=collate)
+        trainer.losses = []
+        trainer.train()
+        assert len(trainer.losses) == 5
+        return trainer.losses
+
+    model, reference = compiled_and_eager(pair)
+    compiled = run(model, tmp_path / "compiled")
+    with torch.compiler.set_stance("force_eager"):
+        eager = run(reference, tmp_path / "eager")
+    assert len(compiled) == 5
+    assert_same_losses(compiled, eager)
+    assert compiled[-1] < compiled[0]
+    report = model.qlora.report()
+    assert report.graphs == 2 and report.passes["fuse_lora"] > 0  # the loop's graphs, no other
 
 
 def greedy_without_cache(model, ids, mask, steps: int):
@@ -137,41 +189,3 @@ def test_generate_default_backend_equals_eager():
         assert torch.equal(out, greedy_without_cache(model, prompt["input_ids"], prompt["attention_mask"], 8))
     report = model.qlora.report()
     assert report.compiled_blocks == 2 and report.graphs >= 1
-
-
-class LossRecordingTrainer(transformers.Trainer):
-    """transformers.Trainer that keeps each step's loss unrounded (its log rounds to 4 digits)."""
-
-    def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
-        self.losses.append(loss.item())
-        return loss
-
-
-def test_trainer_with_padding_collator_default_backend(tokenizer, tmp_path):
-    """transformers.Trainer, the collator padding each batch to its longest row (shuffled, so the
-    lengths change every step): the same losses as the same run in eager mode, and the compiled
-    path is the one that ran."""
-    collate = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    data = examples([16, 9, 12, 5, 23, 20, 7, 11, 9, 4, 6, 8, 31, 17, 25, 3, 12, 10, 6, 14], seed=7)
-
-    def run(model, directory):
-        args = transformers.TrainingArguments(
-            output_dir=str(directory), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2,
-            report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
-        )  # fmt: skip
-        trainer = LossRecordingTrainer(model=model, args=args, train_dataset=data, data_collator=collate)
-        trainer.losses = []
-        trainer.train()
-        assert len(trainer.losses) == 5
-        return trainer.losses
-
-    model, reference = compiled_and_eager()
-    compiled = run(model, tmp_path / "compiled")
-    with torch.compiler.set_stance("force_eager"):
-        eager = run(reference, tmp_path / "eager")
-    assert len(compiled) == 5
-    assert_same_losses(compiled, eager)
-    assert compiled[-1] < compiled[0]
-    report = model.qlora.report()
-    assert report.graphs == 2 and report.passes["fuse_lora"] > 0
