@@ -45,6 +45,7 @@ OURS = {
     "qlora-compile/bf16-residual": {"fp32_residual": False},
     "qlora-compile/budget-0.5": {"activation_memory_budget": 0.5},
     "qlora-compile/no-dropout": {"lora_dropout": 0.0},  # what the dropout masks cost
+    "qlora-compile/dynamic": {"dynamic": True},  # symbolic sizes from the first step
     "qlora-compile/all": {
         "lora_compute_dtype": "bfloat16",
         "fp32_residual": False,

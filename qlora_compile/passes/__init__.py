@@ -7,8 +7,10 @@
 `make_backend` runs them in that order on every graph Dynamo captures (sub-graphs included),
 adds their counts to the compile report, then hands the graph to Inductor / aot_eager / eager
 (for eager, after `eager_checkpoint`: checkpointed layers recompute with the forward's random
-state). With `activation_memory_budget`, AOTAutograd partitions under that budget (for aot_eager
-through Dynamo's `aot_eager_decomp_partition`, which partitions as Inductor does).
+state; for Inductor, after `hash_dropouts`: CPU dropout masks from a counter hash instead of
+Inductor's per-element Philox engines). With `activation_memory_budget`, AOTAutograd partitions
+under that budget (for aot_eager through Dynamo's `aot_eager_decomp_partition`, which partitions
+as Inductor does).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .choose_kernel import choose_kernel
 from .eager_checkpoint import eager_checkpoint
 from .fuse_lora import fuse_lora
 from .fuse_shared_input import fuse_shared_input
+from .hash_dropout import hash_dropouts
 
 __all__ = ["choose_kernel", "fuse_lora", "fuse_shared_input", "make_backend", "run_passes"]
 
@@ -54,6 +57,8 @@ def make_backend(config, report):
         if config.backend == "eager":
             eager_checkpoint(gm)
             return gm.forward
+        if config.backend == "inductor" and (n := hash_dropouts(gm)):
+            report.passes["hash_dropout"] = report.passes.get("hash_dropout", 0) + n
         budget = config.activation_memory_budget
         if budget is None:
             return torch._dynamo.lookup_backend(config.backend)(gm, example_inputs)
