@@ -734,7 +734,9 @@ def compile_blocks(blocks: list[nn.Module], backend, dynamic: bool | None = None
     def block_forward(block, *args, **kwargs):
         return type(block).forward(block, *args, **kwargs)
 
-    compiled = torch.compile(_unique_code(block_forward, "qlora_block"), backend=backend, dynamic=dynamic)
+    compiled = _floats_as_constants(
+        torch.compile(_unique_code(block_forward, "qlora_block"), backend=backend, dynamic=dynamic)
+    )
 
     def forward(block, *args, **kwargs):
         if any(isinstance(v, Cache) for v in (*args, *kwargs.values())):
@@ -760,7 +762,22 @@ def _compile_forward(model: nn.Module, backend, dynamic: bool | None = None) -> 
 
     forward = _unique_code(forward, "qlora_forward")
     functools.update_wrapper(forward, original)
-    model.forward = torch.compile(forward, backend=backend, dynamic=dynamic)
+    model.forward = _floats_as_constants(torch.compile(forward, backend=backend, dynamic=dynamic))
+
+
+def _floats_as_constants(compiled: Callable) -> Callable:
+    """`compiled`, traced with Dynamo's `specialize_float` on. With `dynamic=True` Dynamo
+    otherwise makes every float attribute a graph input (`config.specialize_float` is False in
+    torch 2.13): LoRA's `scaling`, the dropout's `p`, the norms' epsilon. Our passes need them as
+    constants (`fuse_lora` matched no layer: 0 fusions and a second graph per block on a tiny
+    Llama). They are constants of the model, so nothing is lost."""
+
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 def _unique_code(fn: Callable, name: str) -> Callable:

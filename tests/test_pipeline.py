@@ -338,6 +338,28 @@ def test_dynamic_shapes_keep_kernel_auto_and_train():
     assert model.qlora.report().graphs >= 2
 
 
+def test_symbolic_sizes_from_the_first_step_fuse_as_static_ones():
+    """dynamic=True (what `qlora-compile train` uses): Dynamo would make LoRA's scaling, the dropout's
+    p and the norms' epsilon graph inputs; compile() traces floats as constants, so every layer is
+    fused as with static shapes, in one graph that serves every length, with the same loss."""
+    ids = [torch.randint(0, 128, (2, seq)) for seq in (12, 20)]
+    losses, reports = {}, {}
+    for dynamic in (None, True):
+        torch.manual_seed(0)
+        model = tiny_model("llama", num_hidden_layers=1)
+        qlora_compile.compile(model, **FAST, lora_dropout=0.0, dynamic=dynamic)
+        losses[dynamic] = [model(x, labels=x).loss.item() for x in ids]
+        reports[dynamic] = model.qlora.report()
+    # None: a static graph, then a symbolic one at the second length; True: one graph, fused alike
+    assert reports[None].graphs == 2 and reports[True].graphs == 1
+    fused = {k: v for k, v in reports[True].passes.items() if not k.startswith("kernel:")}
+    assert fused == {"fuse_lora": 7, "fuse_shared_input": 5}
+    assert {k: v for k, v in reports[None].passes.items() if not k.startswith("kernel:")} == {
+        k: 2 * v for k, v in fused.items()
+    }
+    assert losses[True] == pytest.approx(losses[None], abs=1e-5)
+
+
 def test_eval_mode_model_stays_in_eval_mode():
     """from_pretrained returns a model in eval mode: the new layers follow it, so LoRA dropout stays
     off (generate() would otherwise sample dropout masks) until the user calls train()."""
