@@ -5,7 +5,8 @@ adapter; checkpoints go through DCP and a resume reproduces the run bit for bit.
 
 The command as the README gives it: `train`'s defaults (Inductor, C++ on this CPU; symbolic sizes
 from the first step; the fused head and loss; batches of the examples' own lengths), but for fp32
-and dropout 0, which make the runs comparable. The one-process reference runs eager.
+(the model's dtype and the 4-bit products' compute dtype, bf16 by default) and dropout 0, which
+make the runs comparable. The one-process reference runs eager.
 
 The data split leaves 20 training examples, a multiple of the global micro-batch (2 ranks x 2), so
 that every rank's batch has 2 rows: a 1-row batch (the end of an epoch of 18) would compile two more
@@ -32,7 +33,7 @@ TOL = 1e-5
 
 def argv(model, data_file, out, batch_size: int, *extra) -> list[str]:
     return ["train", "--model", str(model), "--data", str(data_file), "--output_dir", str(out),
-            "--dtype", "float32", "--qlora.r", "8", "--qlora.lr", "1e-3",
+            "--dtype", "float32", "--qlora.compute_dtype", "float32", "--qlora.r", "8", "--qlora.lr", "1e-3",
             "--qlora.lora_dropout", "0.0", "--max_steps", str(STEPS), "--batch_size", str(batch_size),
             "--grad_accum", "2", "--eval_split", EVAL_SPLIT, "--eval_every", "2", "--save_every", "2",
             "--no-progress", *extra]  # fmt: skip
