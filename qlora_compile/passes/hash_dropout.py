@@ -22,6 +22,8 @@ CUDA graphs keep `F.dropout` (Inductor's Triton kernels draw Philox numbers in p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
@@ -44,10 +46,7 @@ def hash32(h: torch.Tensor) -> torch.Tensor:
 def keep_mask(shape, p: float, seed: torch.Tensor, device=None) -> torch.Tensor:
     """The bool mask of `hash_dropout` for a tensor of `shape` and a 0-dim int64 `seed` in
     [0, 2**32): True where the element is kept."""
-    numel = 1
-    for n in shape:
-        numel = numel * n
-    index = torch.arange(numel, device=device, dtype=torch.int64).view(shape)
+    index = torch.arange(math.prod(shape), device=device, dtype=torch.int64).view(shape)
     return (hash32((index ^ seed) & _M32) >> (32 - _BITS)) >= round(p * 2**_BITS)
 
 
@@ -57,20 +56,21 @@ def hash_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return keep_mask(x.shape, p, seed, x.device) * x * (1.0 / (1.0 - p))
 
 
-def _dropout_p(node: fx.Node) -> float | None:
-    """p of an `F.dropout(x, p, training, inplace)` call that drops (training, out of place,
+def _dropout_call(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(x, p) of an `F.dropout(x, p, training, inplace)` call that drops (training, out of place,
     0 < p < 1, on the CPU), else None."""
     if not is_call(node, (torch.nn.functional.dropout,)):
         return None
     names = ("input", "p", "training", "inplace")
     args = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
     p, training, inplace = args.get("p", 0.5), args.get("training", True), args.get("inplace", False)
-    value = example_value(args["input"]) if isinstance(args.get("input"), fx.Node) else None
+    x = args.get("input")
+    value = example_value(x) if isinstance(x, fx.Node) else None
     if not isinstance(p, float | int) or training is not True or inplace is not False:
         return None
     if not 0 < p < 1 or not isinstance(value, torch.Tensor) or value.device.type != "cpu":
         return None
-    return float(p)
+    return x, float(p)
 
 
 def hash_dropouts(gm: fx.GraphModule) -> int:
@@ -80,11 +80,10 @@ def hash_dropouts(gm: fx.GraphModule) -> int:
     for module in graph_modules(gm):
         changed = False
         for node in list(module.graph.nodes):
-            p = _dropout_p(node)
-            if p is None:
+            call = _dropout_call(node)
+            if call is None:
                 continue
-            x = node.args[0] if node.args else node.kwargs["input"]
-            node.target, node.args, node.kwargs = hash_dropout, (x, p), {}
+            node.target, node.args, node.kwargs = hash_dropout, call, {}
             changed = True
             count += 1
         if changed:
